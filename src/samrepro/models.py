@@ -1,0 +1,127 @@
+"""Build SAM models through segment_anything's registry, plus the embedded `tiny` config."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+MODELS = ("tiny", "vit_b", "vit_l", "vit_h")
+TINY_WEIGHTS = Path(__file__).parent / "weights" / "sam_tiny.safetensors"
+
+
+def build_tiny() -> Sam:
+    """A ~2 M parameter SAM from the official classes: 256 px input, 16x16 tokens."""
+    img_size, patch, embed = 256, 16, 128
+    tokens = img_size // patch
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img_size,
+            patch_size=patch,
+            embed_dim=embed,
+            depth=6,
+            num_heads=2,  # head dim 64, as in vit_b/vit_l
+            mlp_ratio=4,
+            out_chans=embed,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=6,  # 16 tokens pad to 18: exercises the padded-window path
+            global_attn_indexes=(2, 5),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=embed,
+            image_embedding_size=(tokens, tokens),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=embed, mlp_dim=512, num_heads=4),
+            transformer_dim=embed,
+            iou_head_depth=3,
+            iou_head_hidden_dim=128,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+def build(name: str) -> Sam:
+    """An untrained model of the named architecture (official init)."""
+    if name == "tiny":
+        return build_tiny()
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    return sam_model_registry[name]().eval()
+
+
+@torch.no_grad()
+def randomize(sam: Sam, seed: int = 0) -> Sam:
+    """Seeded random weights; the zero-initialised positional tables get noise too,
+    so the relative-position paths that patches rewrite are actually exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sam.named_parameters():
+        if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        elif p.dim() > 1:
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p.shape[-1]) ** 0.5)
+        elif not name.endswith("weight"):  # biases; norm weights stay 1
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    gauss = sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    gauss.copy_(torch.randn(gauss.shape, generator=gen))
+    return sam
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(name: str, device: str = "cpu", weights: str | Path | None = None, seed: int = 0) -> tuple[Sam, str]:
+    """The model in eval mode on `device` and a label for its weights.
+
+    Args:
+        weights: "random" (seeded, labelled as such), a checkpoint path, or None:
+            the shipped trained weights for `tiny`; other models need an explicit choice.
+    """
+    sam = build(name)
+    if weights is None:
+        if name != "tiny":
+            raise ValueError(f"{name} needs weights: a checkpoint path or 'random'")
+        if not TINY_WEIGHTS.exists():
+            raise FileNotFoundError(f"the shipped tiny weights are missing: {TINY_WEIGHTS}")
+        weights = TINY_WEIGHTS
+    if weights == "random":
+        randomize(sam, seed)
+        label = f"random(seed={seed})"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        sam.load_state_dict(load_state(path))
+        label = f"{path.name} sha256:{sha256(path)[:12]}"
+    return sam.to(device).eval(), label
+
+
+def fp32_reference_mode() -> None:
+    """TF32 off everywhere: the baseline every tolerance is measured against."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")

@@ -1,0 +1,100 @@
+"""StepResult: the JSON each ablation step writes; the source of truth for tracking and reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+STATUSES = ("ok", "skipped", "failed")
+GATES = ("pass", "fail", "skipped")
+
+
+@dataclass
+class StepResult:
+    """One step of one ablation: what ran, how fast, how accurate, and where."""
+
+    model: str
+    device: str
+    batch_size: int
+    step: str  # the step's name in the plan, e.g. "bf16"
+    index: int  # position in the plan
+    patches: list[str]  # every patch applied in this step, in application order
+    status: str  # ok | skipped | failed
+    gate: str  # pass | fail | skipped
+    weights: str  # e.g. "random(seed=0)" or "sam_tiny.safetensors sha256:..."
+    plan: str = ""
+    plan_hash: str = ""
+    mode: str = "cumulative"
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reason: str | None = None  # why skipped / failed
+    images: int = 0
+    prompts_per_image: float = 0.0
+    img_s: float | None = None
+    latency_ms_p50: float | None = None  # per image
+    latency_ms_p90: float | None = None
+    peak_mem_mib: float | None = None  # CUDA max allocated, or CPU peak RSS
+    peak_mem_reserved_mib: float | None = None  # CUDA only
+    compile_s: float | None = None  # warm-up (compile) seconds, not timed
+    miou_gt: float | None = None  # null without ground truth
+    miou_agreement: float | None = None  # vs the fp32 step's own masks
+    embedding_sqnr_db: float | None = None
+    tolerance: dict[str, float] = field(default_factory=dict)
+    gate_violations: list[str] = field(default_factory=list)
+    changes_weights: bool = False
+    kernel_paths: dict[str, int] = field(default_factory=dict)  # e.g. {"triton_attn.kernel": 96}
+    env: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # traceback of a failed step
+    started_at: str = ""
+    finished_at: str = ""
+    schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepResult:
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"StepResult schema {data.get('schema')!r} is not {SCHEMA}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def filename(self) -> str:
+        return f"step_{self.index:02d}_{self.step}.json"
+
+
+def write(result: StepResult, folder: Path) -> Path:
+    """Write atomically: a temp file in the same folder, fsync, then rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / result.filename()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result.to_dict(), f, indent=2, sort_keys=True, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read(path: Path) -> StepResult:
+    return StepResult.from_dict(json.loads(Path(path).read_text()))
+
+
+def read_all(folder: Path) -> list[StepResult]:
+    """Every complete StepResult in a folder (temp files are never read), in plan order."""
+    return sorted((read(p) for p in Path(folder).glob("step_*.json")), key=lambda r: r.index)
