@@ -1,0 +1,60 @@
+"""nox sessions: tests, gates, ablate, report, ui; each ablation-side session is one line calling the CLI."""
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests"]
+
+MODELS = ("tiny", "vit_b", "vit_l", "vit_h")  # as samrepro.models.MODELS (importing it here would need torch)
+DEVICES = ("cpu", "cuda")
+USAGE = (
+    "usage: nox -s ablate -- MODEL DEVICE [samrepro ablate options], MODEL in tiny|vit_b|vit_l|vit_h, DEVICE cpu|cuda"
+)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """pytest on CPU (CUDA-marked tests excluded), then ruff."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-m", "not cuda", *session.posargs)
+    session.run("ruff", "check", "src", "tests")
+
+
+@nox.session
+def gates(session: nox.Session) -> None:
+    """The equivalence gates on one device: `nox -s gates -- cuda` (default cpu)."""
+    session.install("-e", ".[dev]")
+    device = session.posargs[0] if session.posargs else "cpu"
+    session.run("pytest", "tests/test_gates.py", "--device", device, *session.posargs[1:])
+
+
+@nox.session(reuse_venv=True)
+def ablate(session: nox.Session) -> None:
+    """`nox -s ablate -- vit_b cuda [--plan blog ...]`; no arguments: tiny on cuda (blog) if a GPU is here, else cpu."""
+    args = session.posargs
+    if args and (len(args) < 2 or args[0] not in MODELS or args[1].split(":")[0] not in DEVICES):
+        session.error(USAGE)
+    session.install("-e", ".")
+    session.run("samrepro", "ablate", *(args or _default_ablation(session)))
+
+
+@nox.session(reuse_venv=True)
+def report(session: nox.Session) -> None:
+    """`nox -s report -- RESULTS_DIR`."""
+    if len(session.posargs) != 1:
+        session.error("usage: nox -s report -- RESULTS_DIR")
+    session.install("-e", ".")
+    session.run("samrepro", "report", *session.posargs)
+
+
+@nox.session(reuse_venv=True)
+def ui(session: nox.Session) -> None:
+    """MLflow UI on 127.0.0.1 over the project's tracking store (`-- --port N` to move it)."""
+    session.install("-e", ".")
+    session.run("samrepro", "ui", *session.posargs)
+
+
+def _default_ablation(session: nox.Session) -> list[str]:
+    probe = "import torch; print(torch.cuda.is_available())"
+    cuda = session.run("python", "-c", probe, silent=True).strip().endswith("True")
+    return ["tiny", "cuda", "--plan", "blog"] if cuda else ["tiny", "cpu", "--plan", "cpu"]

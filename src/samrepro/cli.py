@@ -1,0 +1,190 @@
+"""`samrepro` command line: argument parsing only; the work is in runner, report, tracking and train."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from samrepro.models import MODELS
+from samrepro.plans import MODES, PlanError
+from samrepro.runner import DEVICES, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad input: one line on stderr, exit 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="samrepro", description="Segment Anything, Fast as gated, reversible patches.")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    ab = sub.add_parser("ablate", help="run a plan of patches, one fresh process per step", parents=[common])
+    ab.add_argument("model", choices=MODELS)
+    ab.add_argument("device", help=f"{' or '.join(DEVICES)} (or cuda:N)")
+    ab.add_argument("--plan", help="plan name in ablations/ or a .toml path (default: blog on cuda, cpu on cpu)")
+    ab.add_argument("--mode", choices=MODES, default="cumulative")
+    ab.add_argument("--batch-size", type=positive, default=8)
+    ab.add_argument("--images", type=positive, default=32)
+    ab.add_argument("--prompts", type=positive, help="at most this many prompts per image (default: all)")
+    ab.add_argument("--weights", help="'random' or a checkpoint path (default: shipped for tiny, random for vit_*)")
+    ab.add_argument("--data", default="synthetic", help="synthetic or coco:DIR")
+    ab.add_argument("--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB)")
+    ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
+    ab.add_argument("--force", action="store_true", help="rerun steps whose results exist")
+    ab.add_argument("--profile", action="store_true", help="a torch.profiler trace per step under RESULTS/traces/")
+    ab.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+    rep = sub.add_parser("report", help="markdown report with charts from a results folder", parents=[common])
+    rep.add_argument("results_dir", type=Path)
+
+    log = sub.add_parser("log", help="log a results folder to MLflow", parents=[common])
+    log.add_argument("results_dir", type=Path)
+    log.add_argument("--tracking-uri")
+
+    ui = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 over the default tracking store", parents=[common])
+    ui.add_argument("--port", type=positive, default=5000)
+    ui.add_argument("--tracking-uri")
+
+    sub.add_parser("patches", help="registered patches, their tolerances and availability here", parents=[common])
+
+    train = sub.add_parser("train-tiny", help="train the tiny model's shipped weights", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "train-tiny" in argv[:2] and argv[0] in ("train-tiny", "--debug"):  # every later option is the trainer's
+        split = argv.index("train-tiny")
+        args = argparse.Namespace(command="train-tiny", debug=split == 1, args=argv[split + 1 :])
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args, argv)
+    except (UsageError, PlanError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"samrepro: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"samrepro: {type(e).__name__}: {e} (--debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def ablate(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.runner import run_ablation
+
+    outcome = run_ablation(
+        args.model,
+        args.device,
+        plan=args.plan,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        images=args.images,
+        prompts=args.prompts,
+        weights=args.weights,
+        data=args.data,
+        results_dir=args.results,
+        tracking_uri=args.tracking_uri,
+        force=args.force,
+        profile=args.profile,
+        track=not args.no_track,
+        command=shlex.join(["samrepro", *argv]),
+    )
+    print(outcome.results_dir)
+    return outcome.exit_code
+
+
+def report(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.report import write_report
+
+    _need_dir(args.results_dir)
+    print(write_report(args.results_dir))
+    return 0
+
+
+def log(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro import tracking
+
+    _need_dir(args.results_dir)
+    try:
+        print(tracking.log_results_dir(args.results_dir, args.tracking_uri))
+    except tracking.TrackingUnavailable as e:
+        print(f"samrepro: tracking unavailable: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def ui(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call([*cmd, "--backend-store-uri", uri])
+
+
+def patches(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from samrepro.registry import get_patch, list_patches
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [("name", "devices", "changes weights", "tolerance", f"available ({here})", "summary")]
+    for name in list_patches():
+        p = get_patch(name)
+        reason = p.unavailable_reason(here)
+        rows.append(
+            (name, ",".join(p.requires.devices), "yes" if p.changes_weights else "no", _tolerance(p.tolerance),
+             "yes" if reason is None else f"no: {reason}", p.summary)
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def train_tiny(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro import train
+
+    return train.main(args.args) or 0
+
+
+def _tolerance(tol) -> str:
+    sqnr = "exact" if math.isinf(tol.embedding_sqnr_min_db) else f">={tol.embedding_sqnr_min_db:g}dB"
+    return (
+        f"agree>={tol.agreement_miou_min:g} gt-drop<={tol.gt_miou_drop_max:g} "
+        f"sqnr {sqnr} iou-pred<={tol.iou_pred_max_abs:g}"
+    )
+
+
+def _need_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UsageError(f"results folder not found: {path}")
+
+
+COMMANDS = {"ablate": ablate, "report": report, "log": log, "ui": ui, "patches": patches, "train-tiny": train_tiny}
+
+if __name__ == "__main__":
+    sys.exit(main())

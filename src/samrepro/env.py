@@ -1,0 +1,89 @@
+"""The environment a result was measured in: versions, hardware, repo state, flags (no hostname)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samrepro.plans import hash_plan
+
+PACKAGES = ("torch", "torchvision", "triton", "torchao", "segment-anything", "mlflow", "numpy")
+ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "SAMREPRO_")
+ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def capture(plan: dict | None = None) -> dict[str, Any]:
+    """A JSON-able record of this process's environment; with the plan and its hash when given."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "versions": {name: _version(name) for name in PACKAGES} | {"torch": torch.__version__},  # + local tag
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu": _gpu(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "env_vars": {k: v for k, v in sorted(os.environ.items()) if k in ENV_NAMES or k.startswith(ENV_PREFIXES)},
+        **_git(Path(__file__).resolve().parent),
+    }
+    if plan is not None:
+        env["plan"], env["plan_hash"] = plan, hash_plan(plan)
+    return env
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "name": torch.cuda.get_device_name(index),
+        "capability": f"{major}.{minor}",
+        "memory_mib": props.total_memory >> 20,
+        "count": torch.cuda.device_count(),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _git(folder: Path) -> dict[str, Any]:
+    """Commit and dirty flag (tracked files changed) of the checkout holding this package; None outside one."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}

@@ -1,0 +1,66 @@
+"""The equivalence gates: accuracy within tolerance, and an undo that leaves no trace."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from segment_anything.modeling import Sam
+
+from samrepro import snapshot, workload
+from samrepro.equivalence import compare
+from samrepro.metrics import check_tolerance
+from samrepro.patch import Patch, Tolerance
+from samrepro.registry import get_patch, ordered
+from samrepro.workload import Sample
+
+
+def plan_tolerance(patches: list[Patch]) -> Tolerance:
+    """The tolerance of several patches stacked (each one's errors add up)."""
+    tol = Tolerance()
+    for patch in patches:
+        tol = tol.compose(patch.tolerance)
+    return tol
+
+
+def accuracy_violations(ref: Sam, patches: list[Patch], samples: list[Sample]) -> tuple[list[str], dict]:
+    """Apply `patches` to a copy of the fp32 model `ref`; violations of their composed tolerance."""
+    patched = copy.deepcopy(ref)
+    handles = [p.apply(patched) for p in patches]
+    try:
+        measured = compare(ref, patched, samples)
+    finally:
+        for h in reversed(handles):
+            h.undo()
+    return check_tolerance(measured, plan_tolerance(patches)), measured
+
+
+def undo_violations(sam: Sam, patches: list[Patch], samples: list[Sample]) -> list[str]:
+    """Apply, run, undo: everything the model and the process hold must be as before, outputs identical."""
+    pristine = copy.deepcopy(sam)
+    state, globals_before = snapshot.model_state(sam), snapshot.global_state()
+    emb_before, preds_before = workload.run(sam, samples)
+    handles = [p.apply(sam) for p in patches]
+    workload.run(sam, samples)
+    for h in reversed(handles):
+        h.undo()
+    out = []
+    if snapshot.model_state(sam) != state:
+        out.append("module objects, tensor objects or instance attributes changed")
+    changed = snapshot.tensors_equal(sam, pristine)
+    if changed:
+        out.append(f"tensor values changed: {changed[:5]}")
+    diff = [k for k, v in snapshot.global_state().items() if globals_before[k] != v]
+    if diff:
+        out.append(f"global state changed: {diff}")
+    emb_after, preds_after = workload.run(sam, samples)
+    same = torch.equal(emb_before, emb_after) and all(
+        torch.equal(a.masks, b.masks) and torch.equal(a.iou_pred, b.iou_pred) for a, b in zip(preds_before, preds_after)
+    )
+    if not same:
+        out.append("outputs after undo differ from outputs before apply")
+    return out
+
+
+def patches_for(names: list[str]) -> list[Patch]:
+    return [get_patch(n) for n in ordered(names)]

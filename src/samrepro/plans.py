@@ -1,0 +1,265 @@
+"""Ablation plans as data: TOML files listing steps of patches, resolved into per-step patch sets.
+
+A plan file:
+
+    name = "blog"
+    description = "..."
+
+    [[steps]]
+    name = "fp32"            # the first step is the fp32 baseline: no patches
+    [[steps]]
+    name = "sparse24"
+    add = ["sparse24"]       # patches this step adds
+    remove = ["int8_dynamic"]  # cumulative mode: patches of earlier steps this one takes off
+    base = ["bf16"]          # isolated mode: what this step's patches need under them
+    [steps.config.sparse24]  # per-patch config, passed to the patch's config class
+    ...
+    [steps.tolerance]        # override fields of the composed tolerance (e.g. to demand more than declared)
+    agreement_miou_min = 0.99
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samrepro.patch import Tolerance
+
+MODES = ("cumulative", "isolated")
+PLAN_KEYS = {"name", "description", "steps"}
+STEP_KEYS = {"name", "description", "add", "remove", "base", "config", "tolerance"}
+TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # step names become file names
+PLANS_DIR = Path(__file__).resolve().parents[2] / "ablations"  # the source checkout's plans
+
+
+class PlanError(ValueError):
+    """A plan file is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a plan, as written."""
+
+    name: str
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    base: tuple[str, ...] = ()
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+    source: str = ""  # the file it came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised plan: what its hash covers."""
+        steps = [
+            {
+                "name": s.name,
+                "description": s.description,
+                "add": list(s.add),
+                "remove": list(s.remove),
+                "base": list(s.base),
+                "config": s.config,
+                "tolerance": s.tolerance,
+            }
+            for s in self.steps
+        ]
+        return {"name": self.name, "description": self.description, "steps": steps}
+
+    def hash(self) -> str:
+        return hash_plan(self.to_dict())
+
+
+@dataclass(frozen=True)
+class ResolvedStep:
+    """A step as it will run in one mode on one device."""
+
+    index: int
+    name: str
+    patches: tuple[str, ...]  # registry order is applied later, by apply_patches
+    configs: dict[str, dict[str, Any]]
+    tolerance: dict[str, float]  # overrides
+    skip_reason: str | None = None
+    note: str | None = None  # e.g. which earlier skipped patches a cumulative step runs without
+
+    @property
+    def baseline(self) -> bool:
+        return self.index == 0
+
+
+def hash_plan(plan: dict[str, Any]) -> str:
+    """sha256 of the plan's canonical JSON."""
+    text = json.dumps(plan, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def available_plans() -> list[str]:
+    dirs = [Path.cwd() / "ablations", PLANS_DIR]
+    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+
+
+def find_plan(name_or_path: str) -> Path:
+    """A plan file from a path, or a name looked up in ./ablations then the checkout's ablations/."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        return path
+    for folder in (Path.cwd() / "ablations", PLANS_DIR):
+        if (folder / f"{name_or_path}.toml").is_file():
+            return folder / f"{name_or_path}.toml"
+    raise PlanError(f"unknown plan {name_or_path!r}; valid: {', '.join(available_plans()) or '(none found)'}")
+
+
+def load(path: Path) -> Plan:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, str(path))
+
+
+def parse(data: dict[str, Any], source: str = "<plan>") -> Plan:
+    """Validate a plan's raw table; every message names the source and the offending key."""
+    unknown = sorted(set(data) - PLAN_KEYS)
+    if unknown:
+        raise PlanError(f"{source}: unknown top-level field(s) {unknown}; valid: {sorted(PLAN_KEYS)}")
+    name = _string(data, "name", source, required=True)
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise PlanError(f"{source}: 'steps' must be a non-empty array of tables ([[steps]])")
+    steps = [_parse_step(raw, i, source) for i, raw in enumerate(raw_steps)]
+    _check_steps(steps, source)
+    return Plan(name=name, description=_string(data, "description", source), steps=tuple(steps), source=source)
+
+
+def _parse_step(raw: Any, i: int, source: str) -> Step:
+    where = f"{source}: steps[{i}]"
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: must be a table")
+    unknown = sorted(set(raw) - STEP_KEYS)
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; valid: {sorted(STEP_KEYS)}")
+    name = _string(raw, "name", where, required=True)
+    if not NAME_RE.match(name):
+        raise PlanError(f"{where}.name: {name!r} must be letters, digits, '_', '-' or '.'")
+    where = f"{source}: step {name!r}"
+    lists = {key: _names(raw, key, where) for key in ("add", "remove", "base")}
+    config = raw.get("config", {})
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise PlanError(f"{where}.config: must be a table of tables, one per patch ([steps.config.PATCH])")
+    stray = sorted(set(config) - set(lists["add"]) - set(lists["base"]))
+    if stray:
+        raise PlanError(f"{where}.config: config for patch(es) {stray} that this step does not add")
+    tolerance = raw.get("tolerance", {})
+    if not isinstance(tolerance, dict):
+        raise PlanError(f"{where}.tolerance: must be a table")
+    bad = sorted(set(tolerance) - TOLERANCE_KEYS)
+    if bad:
+        raise PlanError(f"{where}.tolerance: unknown key(s) {bad}; valid: {sorted(TOLERANCE_KEYS)}")
+    for key, value in tolerance.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PlanError(f"{where}.tolerance.{key}: must be a number, got {value!r}")
+    try:
+        Tolerance(**tolerance)
+    except ValueError as e:
+        raise PlanError(f"{where}.tolerance: {e}") from None
+    return Step(
+        name=name,
+        config={k: dict(v) for k, v in config.items()},
+        tolerance={k: float(v) for k, v in tolerance.items()},
+        description=_string(raw, "description", where),
+        **{k: tuple(v) for k, v in lists.items()},
+    )
+
+
+def _check_steps(steps: list[Step], source: str) -> None:
+    first = steps[0]
+    if first.add or first.base or first.remove:
+        raise PlanError(f"{source}: step {first.name!r}: the first step is the fp32 baseline and takes no patches")
+    seen: set[str] = set()
+    active: set[str] = set()
+    for step in steps:
+        where = f"{source}: step {step.name!r}"
+        if step.name in seen:
+            raise PlanError(f"{where}: duplicate step name")
+        seen.add(step.name)
+        never = sorted(set(step.remove) - active)
+        if never:
+            raise PlanError(f"{where}.remove: {never} never added by an earlier step")
+        active = (active - set(step.remove)) | set(step.add)
+
+
+def resolve(plan: Plan, mode: str, unavailable: Callable[[list[str]], str | None]) -> list[ResolvedStep]:
+    """The patch set of every step; `unavailable(patches)` says why they cannot run here (None: they can).
+
+    cumulative: step k runs the adds of steps <= k minus their removes. A step whose own patches cannot run is
+    skipped and changes nothing: later steps go on without its patches (noted on them).
+    isolated: step k runs its `base` plus its own `add`.
+    """
+    if mode not in MODES:
+        raise PlanError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    out: list[ResolvedStep] = []
+    active: dict[str, dict[str, Any]] = {}  # patch -> config, in the order added
+    dropped: list[str] = []  # cumulative: patches left out because their step was skipped
+    for i, step in enumerate(plan.steps):
+        if mode == "isolated":
+            names = list(dict.fromkeys(step.base + step.add))
+            configs = {n: step.config[n] for n in names if n in step.config}
+            out.append(_resolved(i, step, names, configs, unavailable(names) if names else None, None))
+            continue
+        after = {n: c for n, c in active.items() if n not in step.remove}
+        again = sorted(set(step.add) & set(after))
+        if again:
+            raise PlanError(f"{plan.source}: step {step.name!r}.add: {again} already active; cumulative mode adds once")
+        after |= {n: step.config.get(n, {}) for n in step.add}
+        reason = unavailable(list(step.add)) if step.add else None
+        configs = {n: c for n, c in after.items() if c}
+        if reason:
+            out.append(_resolved(i, step, list(after), configs, reason, None))
+            dropped += [n for n in step.add if n not in dropped]
+            continue
+        active = after
+        dropped = [d for d in dropped if d not in step.remove]
+        note = f"runs without {', '.join(dropped)} (skipped earlier)" if dropped else None
+        out.append(_resolved(i, step, list(active), configs, None, note))
+    return out
+
+
+def _resolved(
+    i: int, step: Step, names: list[str], configs: dict[str, dict[str, Any]], reason: str | None, note: str | None
+) -> ResolvedStep:
+    return ResolvedStep(i, step.name, tuple(names), configs, dict(step.tolerance), reason, note)
+
+
+def _string(table: dict, key: str, where: str, required: bool = False) -> str:
+    value = table.get(key, "" if not required else None)
+    if value is None:
+        raise PlanError(f"{where}: missing required key {key!r}")
+    if not isinstance(value, str):
+        raise PlanError(f"{where}.{key}: must be a string, got {value!r}")
+    return value
+
+
+def _names(table: dict, key: str, where: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"{where}.{key}: must be a list of patch names, got {value!r}")
+    if len(set(value)) != len(value):
+        raise PlanError(f"{where}.{key}: a patch is listed twice in {value}")
+    return value

@@ -1,0 +1,210 @@
+"""One ablation step in a fresh process: `python -m samrepro.step SPEC_JSON_PATH` writes its StepResult JSON.
+
+The spec (written by the runner) names the model, device, data, patches and their configs; the fp32 baseline
+step also stores its masks, IoU predictions and first-batch embeddings in BASELINE for the later steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from segment_anything.modeling import Sam
+
+from samrepro import bench, env, results
+from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
+from samrepro.models import fp32_reference_mode, load_model
+from samrepro.patch import Tolerance
+from samrepro.registry import apply_patches, get_patch, ordered
+from samrepro.results import StepResult
+from samrepro.workload import Sample
+
+BASELINE = "baseline.pt"
+INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "data")  # what the baseline shares
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m samrepro.step SPEC_JSON_PATH", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    result = StepResult(
+        model=spec["model"],
+        device=spec["device"],
+        batch_size=spec["batch_size"],
+        step=spec["step"],
+        index=spec["index"],
+        patches=list(spec["patches"]),
+        status="failed",
+        gate="skipped",
+        weights=str(spec["weights"]),
+        plan=spec["plan"]["name"],
+        plan_hash=spec["plan_hash"],
+        mode=spec["mode"],
+        configs=spec["configs"],
+        reason=spec.get("note"),
+        started_at=_now(),
+    )
+    code = 0
+    try:
+        run(spec, result)
+        result.status = "ok"
+    except Exception as e:  # recorded in the result; the sweep goes on
+        traceback.print_exc()
+        result.status, result.gate = "failed", "skipped"
+        result.reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        result.error = traceback.format_exc()
+        code = 1
+    result.finished_at = _now()
+    results.write(result, Path(spec["results_dir"]))
+    return code
+
+
+def run(spec: dict[str, Any], result: StepResult) -> None:
+    """Load, patch, bench, compare with the baseline and gate; fills `result` in place."""
+    from samrepro import data  # written alongside; imported late so a missing loader fails this step only
+
+    folder = Path(spec["results_dir"])
+    patches = [get_patch(name) for name in ordered(spec["patches"])]
+    result.patches = [p.name for p in patches]
+    result.configs = {  # every field, defaults included
+        p.name: p.config_cls.from_dict(spec["configs"].get(p.name, {})).to_dict() for p in patches
+    }
+    result.changes_weights = any(p.changes_weights for p in patches)
+    samples, data_label = data.load_dataset(spec["data"], spec["images"], Path(spec["cache_dir"]))
+    samples = limit_prompts(samples, spec["prompts"])
+    sam, result.weights = load_model(spec["model"], spec["device"], spec["weights"])
+    fp32_reference_mode()
+    apply_patches(sam, result.patches, spec["configs"])  # never undone: the process ends with the step
+    result.env = env.capture(spec["plan"]) | {"data": data_label}
+
+    out = bench.run(sam, samples, spec["batch_size"], progress=Progress(f"{spec['index']:02d} {spec['step']}"))
+    result.env["memory_source"] = out.memory_source
+    result.images, result.prompts_per_image = out.images, out.prompts / out.images
+    result.img_s, result.compile_s = out.img_s, out.compile_s
+    result.latency_ms_p50, result.latency_ms_p90 = out.latency_pct(50), out.latency_pct(90)
+    result.peak_mem_mib, result.peak_mem_reserved_mib = out.peak_mem_mib, out.peak_mem_reserved_mib
+    result.miou_gt = out.miou_gt
+    result.kernel_paths = {}  # filled once a patch exposes which kernel path ran
+
+    if spec["index"] == 0:
+        save_baseline(folder / BASELINE, out, {k: spec[k] for k in INPUT_KEYS})
+        result.gate, result.reason = "skipped", "reference step"
+    else:
+        gate(result, out, folder / BASELINE, spec)
+
+    if spec.get("profile"):
+        stem = folder / "traces" / result.filename().removesuffix(".json")
+        result.env["profile"] = profile(sam, result.patches, samples, spec["batch_size"], stem)
+
+
+def profile(sam: Sam, patches: list[str], samples: list[Sample], batch_size: int, stem: Path) -> str:
+    """A trace (and on GPU a memory snapshot) of one more batch; a failure here keeps the measured result."""
+    snapshot = Path(f"{stem}.memory.pickle") if sam.device.type == "cuda" else None
+    if snapshot is not None and "compile" in patches:
+        snapshot = None  # CUDA graphs (max-autotune) and the memory recorder do not mix
+    try:
+        bench.profile(sam, samples, batch_size, Path(f"{stem}.trace.json"), snapshot)
+    except Exception as e:
+        traceback.print_exc()
+        return f"failed: {type(e).__name__}: {e}"
+    return "trace" + (" + memory snapshot" if snapshot else "")
+
+
+def gate(result: StepResult, out: bench.BenchResult, baseline_path: Path, spec: dict[str, Any]) -> None:
+    """Agreement, SQNR and IoU-prediction deviation against the fp32 step, checked against the tolerance."""
+    tol = Tolerance()
+    for name in result.patches:
+        tol = tol.compose(get_patch(name).tolerance)
+    tol = dataclasses.replace(tol, **spec["tolerance"])
+    result.tolerance = tol.to_dict()
+    if not baseline_path.is_file():
+        result.gate, result.reason = "skipped", f"no fp32 baseline ({baseline_path.name}): the first step did not run"
+        return
+    ref = torch.load(baseline_path, weights_only=True)
+    if ref["inputs"] != {k: spec[k] for k in INPUT_KEYS}:
+        raise RuntimeError(f"{baseline_path} was measured with other settings: {ref['inputs']}")
+    measured = compare(ref, out)
+    result.miou_agreement, result.embedding_sqnr_db = measured["miou_agreement"], measured["embedding_sqnr_db"]
+    result.gate_violations = check_tolerance(measured, tol)
+    result.gate = "fail" if result.gate_violations else "pass"
+
+
+def compare(ref: dict[str, Any], out: bench.BenchResult) -> dict[str, float | None]:
+    """The measured deviation of a step's outputs from the stored fp32 ones."""
+    ious = [
+        mask_iou(m.unpack(), bench.Masks(tuple(shape), bits).unpack())
+        for m, shape, bits in zip(out.best_masks, ref["shapes"], ref["bits"], strict=True)
+    ]
+    ious = torch.cat(ious) if ious else torch.zeros(0)
+    ref_gt = ref["miou_gt"]
+    return {
+        "miou_agreement": ious.mean().item() if ious.numel() else None,
+        "embedding_sqnr_db": sqnr_db(ref["embeddings"], out.embeddings),
+        "iou_pred_max_abs": max((max_abs(r, o) for r, o in zip(ref["iou_preds"], out.iou_preds)), default=0.0),
+        "miou_gt_drop": None if ref_gt is None or out.miou_gt is None else ref_gt - out.miou_gt,
+    }
+
+
+def save_baseline(path: Path, out: bench.BenchResult, inputs: dict[str, Any]) -> None:
+    state = {
+        "inputs": inputs,
+        "shapes": [list(m.shape) for m in out.best_masks],
+        "bits": [m.bits for m in out.best_masks],
+        "iou_preds": out.iou_preds,
+        "embeddings": out.embeddings,
+        "miou_gt": out.miou_gt,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def limit_prompts(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """At most `limit` prompts (and their ground truth) per image."""
+    if limit is None:
+        return samples
+
+    def cut(a):
+        return None if a is None else a[:limit]
+
+    return [
+        dataclasses.replace(s, points=cut(s.points), labels=cut(s.labels), boxes=cut(s.boxes), gt_masks=cut(s.gt_masks))
+        for s in samples
+    ]
+
+
+class Progress:
+    """Images done / total with an ETA, on stderr, at most every few seconds."""
+
+    def __init__(self, label: str, every_s: float = 2.0) -> None:
+        self.label, self.every_s, self.start, self.last = label, every_s, 0.0, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == 0:  # warm-up finished
+            self.start = self.last = now
+            print(f"[{self.label}] warm-up done, timing {total} images", file=sys.stderr, flush=True)
+            return
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        eta = (now - self.start) / done * (total - done)
+        print(f"[{self.label}] {done}/{total} images, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""MLflow tracking behind a small interface: the StepResult JSONs stay the source of truth, MLflow is the index.
+
+Layout: one experiment per (model, device) named "samrepro/<model>/<device>", one parent run per ablation, one
+nested child run per step. Idempotence: the parent carries `samrepro.folder_key` (hash of the absolute results
+folder) from the start and `samrepro.results_key` (hash of that folder plus every StepResult and the plan info) only
+once everything is logged. Logging a folder again whose key matches a complete run is skipped (its id is returned);
+a folder whose contents changed (a resumed plan) or whose earlier logging broke off replaces its old runs, which are
+soft-deleted together with their children. mlflow is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from samrepro import results
+from samrepro.report import env_fields, flatten, plan_name, read_plan
+from samrepro.results import StepResult
+
+ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite store's database file
+FOLDER_TAG = "samrepro.folder_key"
+KEY_TAG = "samrepro.results_key"  # set last: a parent run carrying it is complete
+PROBE_HTTP = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+LOG_ENV = {  # the caller prints the parent run's address, not MLflow one line per run
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+METRICS = (
+    "img_s",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "peak_mem_mib",
+    "peak_mem_reserved_mib",
+    "compile_s",
+    "miou_gt",
+    "miou_agreement",
+    "embedding_sqnr_db",
+)
+MAX_PARAM, MAX_TAG = 6000, 8000  # MLflow's value length limits
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; nothing was logged and the result JSONs are untouched."""
+
+
+@dataclass
+class RunSpec:
+    """What one MLflow run records, built from StepResults without touching MLflow."""
+
+    name: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: list[tuple[str, float, int]]  # (key, value, step)
+    status: str = "FINISHED"
+    files: dict[str, str] = field(default_factory=dict)  # artifact file name -> text
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+
+class Tracker(Protocol):
+    """Where an ablation's results are logged; `log_ablation` returns the parent run id."""
+
+    def log_ablation(
+        self, results_dir: Path, step_results: list[StepResult], plan_info: dict, report_dir: Path | None
+    ) -> str: ...
+
+
+def default_tracking_uri(cwd: Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite file in `cwd` (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cwd).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(tracking_uri: str) -> Path | None:
+    """`mlartifacts` beside a sqlite store's database file; None for a server, which picks its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).resolve().parent / ARTIFACTS_DIR
+
+
+def experiment_name(plan_info: dict) -> str:
+    return f"samrepro/{plan_info['model']}/{plan_info['device']}"
+
+
+def results_key(results_dir: Path, step_results: list[StepResult], plan_info: dict) -> str:
+    data = [str(Path(results_dir).resolve()), plan_info, [r.to_dict() for r in step_results]]
+    return _sha(json.dumps(data, sort_keys=True, default=str))
+
+
+def step_run(r: StepResult) -> RunSpec:
+    """The child run of one step."""
+    params = {
+        "step": r.step,
+        "index": r.index,
+        "patches": ",".join(r.patches) or "none",
+        "batch_size": r.batch_size,
+        "prompts_per_image": r.prompts_per_image,
+        "images": r.images,
+        "mode": r.mode,
+        "plan": r.plan,
+        "plan_hash": r.plan_hash,
+        **flatten(r.configs, "config"),
+    }
+    tags = {
+        "status": r.status,
+        "gate": r.gate,
+        "reason": r.reason,
+        "tolerance": json.dumps(r.tolerance, sort_keys=True),
+        "gate_violations": "; ".join(r.gate_violations),
+        "weights": r.weights,
+        "changes_weights": r.changes_weights,
+        **env_fields(r.env, "env"),
+    }
+    values = {m: getattr(r, m) for m in METRICS} | {f"kernel_path.{k}": v for k, v in r.kernel_paths.items()}
+    metrics, nonfinite = _finite(values, 0)
+    tags |= {f"nonfinite.{k}": v for k, v in nonfinite.items()}  # e.g. SQNR of identical outputs is inf
+    return RunSpec(
+        name=f"{r.index:02d} {r.step}",
+        params=_strings(params, MAX_PARAM),
+        tags=_strings(tags, MAX_TAG),
+        metrics=metrics,
+        status="FAILED" if r.status == "failed" else "FINISHED",
+        files={r.filename(): json.dumps(r.to_dict(), indent=2, sort_keys=True)},
+        start_ms=_ms(r.started_at),
+        end_ms=_ms(r.finished_at),
+    )
+
+
+def ablation_run(results_dir: Path, step_results: list[StepResult], plan_info: dict) -> RunSpec:
+    """The parent run: plan params, environment tags, and each step's metrics as a series over the plan index."""
+    gates = Counter(r.gate for r in step_results)
+    folder = str(Path(results_dir).resolve())
+    tags = {
+        FOLDER_TAG: _sha(folder),
+        "samrepro.results_dir": folder,
+        "gate": "fail" if gates["fail"] else "pass" if gates["pass"] else "skipped",
+        "gates": " ".join(f"{g}={gates[g]}" for g in results.GATES),
+        **env_fields(step_results[0].env, "env"),
+    }
+    metrics = [m for r in step_results for m in _finite({k: getattr(r, k) for k in METRICS}, r.index)[0]]
+    return RunSpec(
+        name=f"{plan_name(plan_info)} {plan_info.get('mode', '')}".strip() or "ablation",
+        params=_strings(flatten(plan_info | {"plan": plan_name(plan_info)}), MAX_PARAM),
+        tags=_strings(tags, MAX_TAG),
+        metrics=metrics,
+        files={"plan.json": json.dumps(plan_info, indent=2, sort_keys=True, default=str)},
+    )
+
+
+class MlflowTracker:
+    """Logs ablations to the MLflow store at `tracking_uri` (default: `default_tracking_uri(Path.cwd())`)."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or default_tracking_uri(Path.cwd())
+
+    def log_ablation(
+        self, results_dir: Path, step_results: list[StepResult], plan_info: dict, report_dir: Path | None = None
+    ) -> str:
+        parent = ablation_run(results_dir, step_results, plan_info)
+        key = results_key(results_dir, step_results, plan_info)
+        client = self._probe()
+        with _env(LOG_ENV):
+            exp_id = self._experiment(client, experiment_name(plan_info))
+            previous = client.search_runs([exp_id], f"tags.`{FOLDER_TAG}` = '{parent.tags[FOLDER_TAG]}'")
+            done = [run.info.run_id for run in previous if run.data.tags.get(KEY_TAG) == key]
+            if done:
+                return done[0]
+            for run in previous:
+                for child in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"):
+                    client.delete_run(child.info.run_id)
+                client.delete_run(run.info.run_id)
+            parent_id = _log_run(client, exp_id, parent)
+            for r in step_results:
+                _log_run(client, exp_id, step_run(r), parent_id)
+            if report_dir is not None:
+                client.log_artifacts(parent_id, str(report_dir), "report")
+            client.set_tag(parent_id, KEY_TAG, key)
+            client.set_terminated(parent_id, "FINISHED")
+        return parent_id
+
+    def _probe(self) -> Any:
+        """A client whose store answered one cheap request under a short timeout and no retries."""
+        from mlflow import MlflowClient
+
+        try:
+            with _env(PROBE_HTTP):
+                client = MlflowClient(self.tracking_uri)
+                client.search_experiments(max_results=1)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise TrackingUnavailable(f"MLflow tracking store {self.tracking_uri} is unavailable: {first}") from e
+        return client
+
+    def _experiment(self, client: Any, name: str) -> str:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        root = artifact_root(self.tracking_uri)
+        location = root.joinpath(*name.split("/")).as_uri() if root else None
+        return client.create_experiment(name, artifact_location=location)
+
+
+@dataclass
+class LoggedRun:
+    """A run as MemoryTracker keeps it."""
+
+    run_id: str
+    parent_id: str | None
+    spec: RunSpec
+    report_dir: Path | None = None
+
+
+class MemoryTracker:
+    """Keeps the runs it would log to MLflow, with the same idempotence; for tests of callers."""
+
+    def __init__(self) -> None:
+        self.runs: list[LoggedRun] = []
+
+    def log_ablation(
+        self, results_dir: Path, step_results: list[StepResult], plan_info: dict, report_dir: Path | None = None
+    ) -> str:
+        parent = ablation_run(results_dir, step_results, plan_info)
+        key = results_key(results_dir, step_results, plan_info)
+        for run in self.runs:
+            if run.spec.tags.get(KEY_TAG) == key:
+                return run.run_id
+        stale = {run.run_id for run in self.runs if run.spec.tags.get(FOLDER_TAG) == parent.tags[FOLDER_TAG]}
+        self.runs = [run for run in self.runs if run.run_id not in stale and run.parent_id not in stale]
+        parent.tags[KEY_TAG] = key
+        parent_id = uuid.uuid4().hex
+        self.runs.append(LoggedRun(parent_id, None, parent, report_dir))
+        self.runs += [LoggedRun(uuid.uuid4().hex, parent_id, step_run(r)) for r in step_results]
+        return parent_id
+
+
+def log_results_dir(results_dir: Path, tracking_uri: str | None = None) -> str:
+    """Log a results folder (step_*.json, plan.json, and `report/` if written) into MLflow; returns the parent run id.
+
+    plan.json, written by the runner, holds {plan, plan_hash, mode, model, device, batch_size, images, weights} and
+    optionally `command`; keys it lacks are taken from the first StepResult.
+    """
+    results_dir = Path(results_dir)
+    step_results = results.read_all(results_dir)
+    if not step_results:
+        raise ValueError(f"no step_*.json in {results_dir}")
+    report_dir = results_dir / "report"
+    return MlflowTracker(tracking_uri).log_ablation(
+        results_dir, step_results, read_plan(results_dir, step_results), report_dir if report_dir.is_dir() else None
+    )
+
+
+def _log_run(client: Any, exp_id: str, spec: RunSpec, parent_id: str | None = None) -> str:
+    from mlflow.entities import Metric, Param
+
+    tags = spec.tags | ({"mlflow.parentRunId": parent_id} if parent_id else {})
+    run_id = client.create_run(exp_id, start_time=spec.start_ms, tags=tags, run_name=spec.name).info.run_id
+    stamp = spec.end_ms or int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, stamp, step) for k, v, step in spec.metrics],
+        params=[Param(k, v) for k, v in spec.params.items()],
+    )
+    for name, text in spec.files.items():
+        client.log_text(run_id, text, name)
+    if parent_id:
+        client.set_terminated(run_id, spec.status, end_time=spec.end_ms)
+    return run_id
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (MLflow reads its HTTP limits per request) and restore them afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _finite(values: dict[str, Any], step: int) -> tuple[list[tuple[str, float, int]], dict[str, str]]:
+    """Metrics MLflow can store (None dropped), and the non-finite ones as text for tags."""
+    present = {k: float(v) for k, v in values.items() if v is not None}
+    return [(k, v, step) for k, v in present.items() if math.isfinite(v)], {
+        k: str(v) for k, v in present.items() if not math.isfinite(v)
+    }
+
+
+def _strings(d: dict[str, Any], limit: int) -> dict[str, str]:
+    return {k: str(v)[:limit] for k, v in d.items() if v is not None}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _ms(iso: str) -> int | None:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else None

@@ -1,0 +1,73 @@
+"""Shared fixtures: the device under test and the fp32 tiny reference model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from samrepro.models import TINY_WEIGHTS, fp32_reference_mode, load_model
+from samrepro.workload import Sample
+
+settings.register_profile(
+    "samrepro", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("samrepro")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device the gates run on: cpu or cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    dev = request.config.getoption("--device")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.exit("--device cuda given but torch.cuda.is_available() is False", returncode=2)
+    fp32_reference_mode()
+    return dev
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(device: str):
+    """The fp32 tiny model: shipped trained weights when present, else seeded random ones."""
+    weights = None if TINY_WEIGHTS.exists() else "random"
+    sam, _ = load_model("tiny", device=device, weights=weights)
+    return sam
+
+
+def make_samples(seed: int, batch_size: int, max_prompts: int, boxes: bool, multi_point: bool) -> list[Sample]:
+    """Synthetic images with prompts drawn from their objects' visible masks."""
+    from samrepro.data.synthetic import make_image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(batch_size):
+        image, masks = make_image(rng)
+        masks = [m for m in masks if m.any()][:max_prompts]
+        pts, labels, box_list = [], [], []
+        for m in masks:
+            ys, xs = np.nonzero(m)
+            picks = rng.integers(0, len(xs), size=3 if multi_point else 1)
+            p = np.stack([xs[picks], ys[picks]], axis=-1).astype(np.float32)  # P, 2
+            lab = np.ones(len(picks), dtype=np.int64)
+            if multi_point:
+                lab[-1] = 0  # one background-labelled point
+            pts.append(p)
+            labels.append(lab)
+            box_list.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        out.append(
+            Sample(
+                image=image,
+                points=np.stack(pts) if pts else None,
+                labels=np.stack(labels) if labels else None,
+                boxes=np.asarray(box_list, dtype=np.float32) if boxes and box_list else None,
+                gt_masks=np.stack(masks) if masks else None,
+                image_id=i,
+            )
+        )
+    return out

@@ -1,0 +1,138 @@
+"""Each gate fails on a deliberately broken patch: proof that the gates can fail."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import MethodType
+
+import pytest
+import torch
+from torch import nn
+
+from samrepro.gates import accuracy_violations, undo_violations
+from samrepro.patch import EXACT, Patch, PatchConfig, PatchError, Tolerance, Undo
+from tests.conftest import make_samples
+
+
+@dataclass(frozen=True)
+class NoConfig(PatchConfig):
+    pass
+
+
+def broken(name: str, apply_fn, tolerance: Tolerance = EXACT) -> Patch:
+    return Patch(name=name, summary="deliberately broken", config_cls=NoConfig, apply_fn=apply_fn, tolerance=tolerance)
+
+
+def _noisy_embeddings(sam, cfg, undo: Undo) -> None:
+    enc = sam.image_encoder
+
+    def forward(self, x):
+        y = type(self).forward(self, x)
+        return y + 0.05 * y.std() * torch.randn_like(y)  # ~26 dB SQNR
+
+    undo.setattr(enc, "forward", MethodType(forward, enc))
+
+
+def _swapped_labels(sam, cfg, undo: Undo) -> None:
+    pe = sam.prompt_encoder
+
+    def embed_points(self, points, labels, pad):
+        return type(self)._embed_points(self, points, torch.where(labels >= 0, 1 - labels, labels), pad)
+
+    undo.setattr(pe, "_embed_points", MethodType(embed_points, pe))
+
+
+def _shifted_iou_head(sam, cfg, undo: Undo) -> None:
+    dec = sam.mask_decoder
+
+    def forward(self, *args, **kwargs):
+        masks, iou = type(self).forward(self, *args, **kwargs)
+        return masks, iou + 0.1
+
+    undo.setattr(dec, "forward", MethodType(forward, dec))
+
+
+SAMPLES = dict(seed=3, batch_size=2, max_prompts=3, boxes=False, multi_point=False)
+
+
+def test_sqnr_gate_fails_on_noisy_embeddings(tiny_ref):
+    patch = broken("noisy", _noisy_embeddings, Tolerance(agreement_miou_min=0.0, embedding_sqnr_min_db=40.0))
+    violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
+    assert any(v.startswith("embedding_sqnr_db") for v in violations), measured
+
+
+def test_agreement_gate_fails_on_wrong_prompt_labels(tiny_ref):
+    patch = broken("swapped", _swapped_labels, Tolerance(agreement_miou_min=0.9, embedding_sqnr_min_db=0.0))
+    violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
+    assert any(v.startswith("miou_agreement") for v in violations), measured
+
+
+def test_iou_prediction_gate_fails_on_shifted_scores(tiny_ref):
+    patch = broken("iou", _shifted_iou_head, Tolerance(agreement_miou_min=0.0, iou_pred_max_abs=0.05))
+    violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
+    assert any(v.startswith("iou_pred_max_abs") for v in violations), measured
+
+
+def test_gt_gate_fails_when_masks_get_worse(tiny_ref):
+    patch = broken("swapped", _swapped_labels, Tolerance(agreement_miou_min=0.0, embedding_sqnr_min_db=0.0))
+    violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
+    if measured["miou_gt_drop"] <= 0:
+        pytest.skip(f"swapped labels did not lower GT mIoU with these weights: {measured}")
+    assert any(v.startswith("miou_gt_drop") for v in violations), measured
+
+
+def _cast_in_place(sam, cfg, undo: Undo) -> None:
+    with torch.no_grad():
+        for p in sam.mask_decoder.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # lossy and not recorded
+
+
+def _new_parameter_objects(sam, cfg, undo: Undo) -> None:
+    lin = sam.mask_decoder.iou_prediction_head.layers[0]
+    weight = lin.weight
+    lin.weight = nn.Parameter(weight.detach().clone())
+    undo.on_undo(lambda: setattr(lin, "weight", nn.Parameter(weight.detach().clone())))  # equal values, new object
+
+
+def _leaks_instance_attr(sam, cfg, undo: Undo) -> None:
+    sam.image_encoder.forward = MethodType(type(sam.image_encoder).forward, sam.image_encoder)
+
+
+def _leaks_inductor_flag(sam, cfg, undo: Undo) -> None:
+    import torch._inductor.config as inductor
+
+    inductor.epilogue_fusion = not inductor.epilogue_fusion
+
+
+@pytest.mark.parametrize(
+    "apply_fn, expected",
+    [
+        (_cast_in_place, "tensor values changed"),
+        (_new_parameter_objects, "tensor objects"),
+        (_leaks_instance_attr, "instance attributes"),
+        (_leaks_inductor_flag, "global state changed"),
+    ],
+)
+def test_undo_gate_fails_on_leaky_patch(tiny_ref, apply_fn, expected):
+    import torch._inductor.config as inductor
+
+    before = inductor.epilogue_fusion
+    try:
+        violations = undo_violations(copy.deepcopy(tiny_ref), [broken("leaky", apply_fn)], make_samples(**SAMPLES))
+    finally:
+        inductor.epilogue_fusion = before
+    assert any(expected in v for v in violations), violations
+
+
+def test_double_apply_and_apply_after_compile_refused(tiny_ref):
+    sam = copy.deepcopy(tiny_ref)
+    patch = broken("noisy", _noisy_embeddings)
+    with patch.apply(sam):
+        with pytest.raises(PatchError, match="already applied"):
+            patch.apply(sam)
+    original = sam.image_encoder
+    sam.image_encoder = torch.compile(original)
+    with pytest.raises(PatchError, match="before compile"):
+        patch.apply(sam)
+    sam.image_encoder = original

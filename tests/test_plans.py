@@ -1,0 +1,133 @@
+"""Plans as data: parsing, validation messages, and the patch set each step runs in either mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from samrepro import plans
+from samrepro.plans import PlanError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plan.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+name = "demo"
+description = "a demo"
+
+[[steps]]
+name = "fp32"
+
+[[steps]]
+name = "a"
+add = ["a"]
+[steps.config.a]
+level = 2
+
+[[steps]]
+name = "b"
+add = ["b"]
+base = ["a"]
+[steps.tolerance]
+agreement_miou_min = 0.5
+
+[[steps]]
+name = "c"
+add = ["c"]
+remove = ["b"]
+"""
+
+
+def test_shipped_plans_parse():
+    blog = plans.load(plans.find_plan("blog"))
+    assert [s.name for s in blog.steps] == [
+        "fp32", "bf16", "sync_free", "compile", "sdpa", "triton_attn", "batched_decoder", "int8_dynamic", "sparse24"
+    ]  # fmt: skip
+    assert blog.steps[3].config == {"compile": {"mode": "max-autotune"}}
+    assert blog.steps[-1].remove == ("int8_dynamic",)
+    cpu = plans.load(plans.find_plan("cpu"))
+    assert [s.name for s in cpu.steps] == ["fp32", "bf16", "compile", "sdpa"]
+
+
+def test_good_plan_and_hash(tmp_path):
+    plan = plans.load(write(tmp_path, GOOD))
+    assert plan.name == "demo" and plan.steps[1].config == {"a": {"level": 2}}
+    assert plan.steps[2].tolerance == {"agreement_miou_min": 0.5}
+    same = plans.load(write(tmp_path, GOOD.replace('name = "demo"', 'name="demo"')))
+    assert plan.hash() == same.hash() and len(plan.hash()) == 64  # formatting does not matter
+    changed = plans.load(write(tmp_path, GOOD.replace("level = 2", "level = 3")))
+    assert changed.hash() != plan.hash()
+
+
+def test_cumulative_and_isolated_sets(tmp_path):
+    plan = plans.load(write(tmp_path, GOOD))
+    cum = plans.resolve(plan, "cumulative", lambda names: None)
+    assert [s.patches for s in cum] == [(), ("a",), ("a", "b"), ("a", "c")]  # c replaces b
+    assert cum[2].configs == {"a": {"level": 2}} and cum[2].tolerance == {"agreement_miou_min": 0.5}
+    iso = plans.resolve(plan, "isolated", lambda names: None)
+    assert [s.patches for s in iso] == [(), ("a",), ("a", "b"), ("c",)]  # own add on top of its base
+    assert iso[3].configs == {} and all(s.skip_reason is None for s in iso)
+
+
+def test_unrunnable_patches_are_skipped_with_reason(tmp_path):
+    plan = plans.load(write(tmp_path, GOOD))
+    missing = {"b": "not registered"}
+
+    def unavailable(names):
+        return "; ".join(missing[n] for n in names if n in missing) or None
+
+    cum = plans.resolve(plan, "cumulative", unavailable)
+    assert [s.skip_reason for s in cum] == [None, None, "not registered", None]
+    assert cum[3].patches == ("a", "c")  # b never ran, so removing it changes nothing
+    iso = plans.resolve(plan, "isolated", unavailable)
+    assert [s.skip_reason for s in iso] == [None, None, "not registered", None]
+    missing = {"a": "needs cuda"}
+    cum = plans.resolve(plan, "cumulative", unavailable)
+    assert cum[1].skip_reason == "needs cuda"
+    assert cum[2].patches == ("b",) and cum[2].note == "runs without a (skipped earlier)"
+
+
+def test_registry_reasons():
+    from samrepro.runner import unavailable
+
+    assert "not registered" in unavailable(["no_such_patch"], "cpu")
+    assert "sync_free" in unavailable(["no_such_patch"], "cpu")  # lists the registered ones
+    assert unavailable(["sync_free"], "cpu") is None
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: "color = 1\n" + t, "unknown top-level field(s) ['color']"),
+        (lambda t: t.replace('add = ["a"]', 'add = ["a"]\nadds = ["x"]'), "steps[1]: unknown key(s) ['adds']"),
+        (lambda t: t.replace('name = "b"', 'name = "a"'), "step 'a': duplicate step name"),
+        (lambda t: t.replace('remove = ["b"]', 'remove = ["z"]'), "step 'c'.remove: ['z'] never added"),
+        (lambda t: t.replace("[steps.config.a]", "[steps.config.q]"), "step 'a'.config: config for patch(es) ['q']"),
+        (lambda t: t.replace("agreement_miou_min", "agreement"), "step 'b'.tolerance: unknown key(s) ['agreement']"),
+        (lambda t: t.replace("0.5", "1.5"), "step 'b'.tolerance: agreement_miou_min must be in [0, 1]"),
+        (lambda t: t.replace('name = "fp32"', 'name = "fp32"\nadd = ["a"]'), "first step is the fp32 baseline"),
+        (lambda t: t.replace('add = ["c"]', 'add = "c"'), "step 'c'.add: must be a list"),
+        (lambda t: t.replace('name = "demo"', ""), "missing required key 'name'"),
+        (lambda t: t.replace('name = "c"', 'name = "c/d"'), "must be letters, digits"),
+        (lambda t: t + "[[", "not valid TOML"),
+    ],
+)
+def test_bad_plans_name_file_and_key(tmp_path, edit, message):
+    path = write(tmp_path, edit(GOOD))
+    with pytest.raises(PlanError) as err:
+        plans.load(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_cumulative_add_twice_and_unknown_plan(tmp_path):
+    plan = plans.load(write(tmp_path, GOOD.replace('add = ["c"]', 'add = ["a"]')))
+    assert plans.resolve(plan, "isolated", lambda names: None)[3].patches == ("a",)  # fine in isolation
+    with pytest.raises(PlanError, match=r"step 'c'.add: \['a'\] already active"):
+        plans.resolve(plan, "cumulative", lambda names: None)
+    with pytest.raises(PlanError, match="unknown plan 'nope'; valid: .*blog"):
+        plans.find_plan("nope")

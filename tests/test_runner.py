@@ -1,0 +1,236 @@
+"""The bench protocol, the per-step subprocess and the runner: results, resume, force, failures, exit codes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samrepro import bench, results, runner, step
+from samrepro.models import load_model
+from samrepro.registry import list_patches
+from samrepro.results import StepResult
+from samrepro.workload import Sample
+
+HAS_BF16 = "bf16" in list_patches()
+E2E_PLAN = """
+name = "e2e"
+[[steps]]
+name = "fp32"
+[[steps]]
+name = "sync_free"
+add = ["sync_free"]
+[[steps]]
+name = "ghost"
+add = ["no_such_patch"]
+"""
+STRICT_STEP = """
+[[steps]]
+name = "strict"
+add = ["bf16"]
+[steps.tolerance]
+embedding_sqnr_min_db = 200.0  # bf16 cannot reach this: the gate must fail
+"""
+
+
+def sample(rng: np.random.Generator, h: int, w: int, prompts: int) -> Sample:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    gt = np.zeros((prompts, h, w), dtype=bool)
+    points = np.zeros((prompts, 1, 2), dtype=np.float32)
+    for i in range(prompts):
+        gt[i, 10 * i : 10 * i + 40, 20:80] = True
+        points[i, 0] = (50, 10 * i + 20)  # x, y inside its mask
+    return Sample(image=image, points=points, labels=np.ones((prompts, 1), dtype=np.int64), gt_masks=gt)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine's 2 cores are shared; more threads only spin
+    sam, _ = load_model("tiny", "cpu", "random")
+    yield sam
+    torch.set_num_threads(threads)
+
+
+def test_bench_pads_the_last_batch_but_counts_real_images(tiny):
+    rng = np.random.default_rng(0)
+    samples = [sample(rng, 120, 160, 2), sample(rng, 100, 90, 1), sample(rng, 140, 120, 3)]
+    encoder_batches, decoder_calls = [], []
+    hooks = [
+        tiny.image_encoder.register_forward_pre_hook(lambda m, args: encoder_batches.append(args[0].shape[0])),
+        tiny.mask_decoder.register_forward_pre_hook(lambda m, args: decoder_calls.append(1)),
+    ]
+    try:
+        out = bench.run(tiny, samples, batch_size=2, clock=itertools.count().__next__)  # every interval is 1 "s"
+    finally:
+        for h in hooks:
+            h.remove()
+    assert encoder_batches == [2] * (bench.WARMUP_RUNS + 2)  # the last batch (1 image) is padded to 2
+    assert len(decoder_calls) == bench.WARMUP_RUNS * 2 + 3  # padding is encoded, never decoded
+    assert out.images == 3 and out.prompts == 6 and out.timed_s == 2
+    assert out.img_s == 1.5  # 3 real images over 2 timed batches, not 4
+    assert out.latency_ms == [500.0, 500.0, 1000.0]  # batch time / real images in it
+    assert [m.shape for m in out.best_masks] == [(2, 120, 160), (1, 100, 90), (3, 140, 120)]
+    assert out.embeddings.shape[0] == 2 and out.embeddings.dtype == torch.float32
+    assert 0.0 <= out.miou_gt <= 1.0 and out.peak_mem_mib > 0
+
+
+def test_masks_pack_roundtrip():
+    masks = torch.rand(3, 7, 5) > 0.5
+    assert torch.equal(bench.Masks.pack(masks).unpack(), masks)
+
+
+def test_profile_writes_a_chrome_trace(tiny, tmp_path):
+    samples = [sample(np.random.default_rng(1), 64, 64, 1)]
+    bench.profile(tiny, samples, 1, tmp_path / "t.trace.json", None)
+    assert "traceEvents" in json.loads((tmp_path / "t.trace.json").read_text())
+
+
+def test_gate_against_the_stored_baseline_can_fail(tiny, tmp_path):
+    """The step's gate: the same model passes bit-exactly, a model with other weights fails it."""
+    samples = [sample(np.random.default_rng(2), 96, 128, 2), sample(np.random.default_rng(3), 80, 80, 1)]
+    spec = {k: None for k in step.INPUT_KEYS} | {"tolerance": {}}
+    step.save_baseline(tmp_path / step.BASELINE, bench.run(tiny, samples, 2), {k: spec[k] for k in step.INPUT_KEYS})
+    other, _ = load_model("tiny", "cpu", "random", seed=1)
+    for model, verdict in ((tiny, "pass"), (other, "fail")):
+        result = StepResult("tiny", "cpu", 2, "s", 1, [], "ok", "skipped", "random(seed=0)")
+        step.gate(result, bench.run(model, samples, 2), tmp_path / step.BASELINE, spec)
+        assert result.gate == verdict and bool(result.gate_violations) == (verdict == "fail")
+    assert result.miou_agreement < 1.0 and result.embedding_sqnr_db < 10
+
+
+def test_outcome_exit_code():
+    def r(status: str, gate: str) -> StepResult:
+        return StepResult("tiny", "cpu", 2, "s", 0, [], status, gate, "random(seed=0)")
+
+    assert runner.Outcome(Path("."), [r("ok", "skipped"), r("ok", "pass"), r("skipped", "skipped")]).exit_code == 0
+    assert runner.Outcome(Path("."), [r("ok", "pass"), r("ok", "fail")]).exit_code == 1
+    assert runner.Outcome(Path("."), [r("ok", "pass"), r("failed", "skipped")]).exit_code == 1
+
+
+def ablate(plan: Path, folder: Path, **kw) -> runner.Outcome:
+    return runner.run_ablation(
+        "tiny", "cpu", plan=plan, batch_size=2, images=2, weights="random", results_dir=folder, track=False, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def env_vars(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAMREPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, env_vars):
+    """One real run: fp32, sync_free, a patch that is not registered (+ bf16 held to an impossible gate)."""
+    folder = tmp_path_factory.mktemp("e2e")
+    plan = folder / "e2e.toml"
+    plan.write_text(E2E_PLAN + (STRICT_STEP if HAS_BF16 else ""))
+    outcome = ablate(plan, folder / "results", profile=True)
+    return plan, outcome
+
+
+def fake_step(monkeypatch, tmp_path: Path, code: int = 3) -> Path:
+    """Replace the step process with one that logs its call and dies without writing a result."""
+    calls = tmp_path / "calls.txt"
+    script = f"import sys; open({str(calls)!r}, 'a').write(sys.argv[1] + '\\n'); print('boom'); sys.exit({code})"
+    monkeypatch.setattr(runner, "STEP_COMMAND", [sys.executable, "-c", script])
+    return calls
+
+
+def test_e2e_results(e2e):
+    _, outcome = e2e
+    by_name = {r.step: r for r in outcome.results}
+    assert [r.status for r in outcome.results][:3] == ["ok", "ok", "skipped"]
+    folder = outcome.results_dir
+    assert {r.step for r in results.read_all(folder)} == set(by_name)  # the JSONs on disk are the results
+    base, sync, ghost = by_name["fp32"], by_name["sync_free"], by_name["ghost"]
+    assert base.gate == "skipped" and base.reason == "reference step" and (folder / step.BASELINE).is_file()
+    assert sync.miou_agreement == 1.0 and sync.embedding_sqnr_db == math.inf and sync.gate == "pass"
+    assert sync.tolerance["agreement_miou_min"] == 1.0 and sync.patches == ["sync_free"]
+    assert "no_such_patch not registered" in ghost.reason and ghost.gate == "skipped"
+    for r in (base, sync):
+        assert r.images == 2 and r.img_s > 0 and r.latency_ms_p90 >= r.latency_ms_p50 > 0
+        assert r.peak_mem_mib > 0 and r.compile_s >= 0 and r.weights == "random(seed=0)"
+        assert r.env["versions"]["torch"] == torch.__version__ and r.env["plan_hash"] == r.plan_hash
+        assert (folder / "traces" / f"step_{r.index:02d}_{r.step}.trace.json").is_file()
+    setup = json.loads((folder / "plan.json").read_text())
+    assert {
+        "plan",
+        "plan_hash",
+        "mode",
+        "model",
+        "device",
+        "batch_size",
+        "images",
+        "weights",
+        "data",
+        "command",
+    } <= set(setup)
+    assert setup["plan_hash"] == sync.plan_hash and setup["weights"] == "random"
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="bf16 not registered yet: no inexact patch for the e2e gate")
+def test_failed_gate_gives_exit_code_1(e2e):
+    _, outcome = e2e
+    strict = outcome.results[-1]
+    assert strict.status == "ok" and strict.gate == "fail"
+    assert any(v.startswith("embedding_sqnr_db") for v in strict.gate_violations)
+    assert strict.reason == "runs without no_such_patch (skipped earlier)"
+    assert outcome.exit_code == 1
+
+
+def test_rerun_resumes_without_running_a_step(e2e, monkeypatch, tmp_path):
+    plan, outcome = e2e
+    before = {p.name: p.stat().st_mtime_ns for p in outcome.results_dir.glob("step_*.json")}
+    calls = fake_step(monkeypatch, tmp_path)
+    again = ablate(plan, outcome.results_dir)
+    assert not calls.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in outcome.results_dir.glob("step_*.json")} == before
+    assert [r.to_dict() for r in again.results] == [r.to_dict() for r in outcome.results]
+
+
+def test_force_reruns_and_a_crash_is_recorded(e2e, monkeypatch, tmp_path):
+    plan, outcome = e2e
+    folder = shutil.copytree(outcome.results_dir, tmp_path / "copy")
+    calls = fake_step(monkeypatch, tmp_path)
+    forced = ablate(plan, folder, force=True)
+    ran = calls.read_text().split()
+    failed = [r for r in forced.results if r.status == "failed"]
+    assert [Path(p).name for p in ran] == [r.filename() for r in failed]
+    assert len(failed) == len(ran) >= 2  # every step was tried: the sweep went on after the first crash
+    assert all("exited with code 3" in r.reason and "boom" in r.error for r in failed)
+    assert forced.exit_code == 1
+    calls.unlink()
+    again = ablate(plan, folder)  # failed steps run again without --force; the skipped one is kept
+    assert len(calls.read_text().split()) == len(ran) and again.results[2].status == "skipped"
+
+
+def test_bad_config_fails_fast_and_the_sweep_goes_on(env_vars, monkeypatch, tmp_path):
+    plan = tmp_path / "bad.toml"
+    plan.write_text(E2E_PLAN.replace('add = ["sync_free"]', 'add = ["sync_free"]\nconfig.sync_free.bogus = 1'))
+    calls = fake_step(monkeypatch, tmp_path)
+    outcome = ablate(plan, tmp_path / "results")
+    assert [r.status for r in outcome.results] == ["failed", "failed", "skipped"]
+    assert "invalid config for sync_free" in outcome.results[1].reason and "bogus" in outcome.results[1].reason
+    assert len(calls.read_text().split()) == 1  # only the fp32 step needed a process
+
+
+def test_step_process_records_its_own_exception(e2e, tmp_path):
+    """The entry point itself: a step that raises writes a failed result with the traceback."""
+    _, outcome = e2e
+    spec = json.loads((outcome.results_dir / "specs" / "step_01_sync_free.json").read_text())
+    spec |= {"configs": {"sync_free": {"bogus": 1}}, "results_dir": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert step.main([str(tmp_path / "spec.json")]) == 1
+    result = results.read(tmp_path / "step_01_sync_free.json")
+    assert result.status == "failed" and "bogus" in result.reason and "Traceback" in result.error

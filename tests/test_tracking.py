@@ -1,0 +1,216 @@
+"""Tracking: a real MLflow server on loopback, the sqlite default store, idempotence, and an unreachable store."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from samrepro import results
+from samrepro.results import StepResult
+from samrepro.tracking import (
+    KEY_TAG,
+    MemoryTracker,
+    TrackingUnavailable,
+    default_tracking_uri,
+    log_results_dir,
+)
+
+ENV = {"plan": {"name": "blog", "steps": []}, "torch": "2.11.0", "git": {"commit": "abc123", "dirty": False}}
+PLAN = {
+    "plan": {"name": "blog", "steps": []},  # the runner writes the whole plan
+    "plan_hash": "h1",
+    "mode": "cumulative",
+    "model": "tiny",
+    "device": "cpu",
+    "batch_size": 2,
+    "images": 4,
+    "weights": "random(seed=0)",
+}
+
+
+def step(index, name, patches, **kw):
+    base = dict(model="tiny", device="cpu", batch_size=2, step=name, index=index, patches=patches, status="ok")
+    return StepResult(**(base | dict(gate="pass", weights="random(seed=0)", plan="blog", env=ENV) | kw))
+
+
+def write_results(folder):
+    for r in [
+        step(0, "fp32", [], gate="skipped", img_s=10.0, peak_mem_mib=500.0),
+        step(
+            1,
+            "bf16",
+            ["bf16"],
+            img_s=25.0,
+            latency_ms_p90=45.5,
+            embedding_sqnr_db=float("inf"),
+            configs={"bf16": {"dtype": "bfloat16"}},
+            tolerance={"agreement_miou_min": 0.9},
+        ),
+        step(2, "compile", ["bf16", "compile"], status="skipped", gate="skipped", reason="needs CUDA"),
+        step(3, "sdpa", ["bf16", "sdpa"], status="failed", gate="skipped", reason="RuntimeError: boom"),
+        step(4, "int8", ["bf16", "int8_dynamic"], gate="fail", img_s=30.0, changes_weights=True),
+    ]:
+        results.write(r, folder)
+    (folder / "plan.json").write_text(json.dumps(PLAN))
+    return folder
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        url.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'db.sqlite'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # startup imports a lot; slow on a loaded 2-core machine
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server runs uvicorn as a child: end the whole group
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rest(url, endpoint, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def kv(items):
+    return {i["key"]: i["value"] for i in items}
+
+
+def test_server_parent_and_children(server, tmp_path):
+    res = write_results(tmp_path / "res")
+    (res / "report").mkdir()
+    (res / "report" / "report.md").write_text("# report\n")
+    parent_id = log_results_dir(res, server)
+    name = urllib.parse.quote("samrepro/tiny/cpu", safe="")
+    exp_id = rest(server, f"experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
+    runs = rest(server, "runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
+    assert len(runs) == 6
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    parent = next(r for r in runs if r["info"]["run_id"] == parent_id)
+    ptags, pparams = kv(parent["data"]["tags"]), kv(parent["data"]["params"])
+    assert ptags["gate"] == "fail" and ptags["gates"] == "pass=1 fail=1 skipped=3" and KEY_TAG in ptags
+    assert ptags["env.git.commit"] == "abc123" and ptags["env.torch"] == "2.11.0"
+    assert not any(k.startswith("env.plan.") for k in ptags) and parent["info"]["run_name"] == "blog cumulative"
+    assert pparams["plan"] == "blog" and pparams["plan_hash"] == "h1" and pparams["batch_size"] == "2"
+    history = rest(server, f"metrics/get-history?run_id={parent_id}&metric_key=img_s")["metrics"]
+    assert [(m["step"], m["value"]) for m in history] == [(0, 10.0), (1, 25.0), (4, 30.0)]  # the waterfall
+    children = [r for r in runs if kv(r["data"]["tags"]).get("mlflow.parentRunId") == parent_id]
+    assert sorted(r["info"]["run_name"] for r in children) == ["00 fp32", "01 bf16", "02 compile", "03 sdpa", "04 int8"]
+    bf16 = by_name["01 bf16"]
+    tags, params, metrics = kv(bf16["data"]["tags"]), kv(bf16["data"]["params"]), kv(bf16["data"]["metrics"])
+    assert metrics == {"img_s": 25.0, "latency_ms_p90": 45.5}
+    assert tags["nonfinite.embedding_sqnr_db"] == "inf" and tags["gate"] == "pass" and tags["status"] == "ok"
+    assert json.loads(tags["tolerance"]) == {"agreement_miou_min": 0.9} and tags["weights"] == "random(seed=0)"
+    assert params["patches"] == "bf16" and params["config.bf16.dtype"] == "bfloat16" and params["batch_size"] == "2"
+    compile_tags = kv(by_name["02 compile"]["data"]["tags"])
+    assert compile_tags["status"] == "skipped" and compile_tags["reason"] == "needs CUDA"
+    assert "metrics" not in by_name["02 compile"]["data"]
+    assert by_name["03 sdpa"]["info"]["status"] == "FAILED" and kv(by_name["04 int8"]["data"]["tags"])["gate"] == "fail"
+    files = rest(server, f"artifacts/list?run_id={bf16['info']['run_id']}")["files"]
+    assert [f["path"] for f in files] == ["step_01_bf16.json"]
+    report = rest(server, f"artifacts/list?run_id={parent_id}&path=report")["files"]
+    assert [f["path"] for f in report] == ["report/report.md"]
+    assert log_results_dir(res, server) == parent_id  # idempotent
+    assert len(rest(server, "runs/search", {"experiment_ids": [exp_id]})["runs"]) == 6
+
+
+def test_sqlite_store_idempotence_and_replace(tmp_path):
+    from mlflow import MlflowClient
+
+    res = write_results(tmp_path / "res")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    first = log_results_dir(res, uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("samrepro/tiny/cpu")
+    assert exp.artifact_location == (tmp_path / "store" / "mlartifacts" / "samrepro" / "tiny" / "cpu").as_uri()
+    assert (tmp_path / "store/mlartifacts/samrepro/tiny/cpu" / first / "artifacts/plan.json").exists()
+    assert log_results_dir(res, uri) == first
+    assert len(client.search_runs([exp.experiment_id])) == 6
+    results.write(step(5, "int8_more", ["bf16", "int8_dynamic"], img_s=31.0), res)  # a resumed plan adds a step
+    second = log_results_dir(res, uri)
+    assert second != first and client.get_run(first).info.lifecycle_stage == "deleted"
+    assert len(client.search_runs([exp.experiment_id])) == 7
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_unreachable_server_fails_fast(tmp_path):
+    import mlflow  # noqa: F401  (import time is not the probe's)
+
+    res = write_results(tmp_path / "res")
+    before = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="unavailable"):
+        log_results_dir(res, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert time.monotonic() - start < 5
+    assert {k: os.environ.get(k) for k in before} == before
+    assert len(list(res.glob("step_*.json"))) == 5
+
+
+def test_memory_tracker_replaces_changed_folder(tmp_path):
+    res = write_results(tmp_path / "res")
+    tracker = MemoryTracker()
+    steps = results.read_all(res)
+    first = tracker.log_ablation(res, steps, PLAN, None)
+    assert tracker.log_ablation(res, steps, PLAN, None) == first and len(tracker.runs) == 6
+    second = tracker.log_ablation(res, steps[:3], PLAN, None)
+    assert second != first and len(tracker.runs) == 4
+    child = next(r for r in tracker.runs if r.spec.name == "01 bf16")
+    assert child.parent_id == second and ("img_s", 25.0, 0) in child.spec.metrics
+
+
+def test_import_does_not_load_mlflow_or_matplotlib():
+    code = "import sys, samrepro.tracking, samrepro.report; print('mlflow' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

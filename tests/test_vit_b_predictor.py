@@ -1,0 +1,59 @@
+"""Every patch on a random-init vit_b: the official SamPredictor runs, and undo restores everything."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from samrepro import get_patch, list_patches, load_model
+from samrepro.snapshot import tensors_equal
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vit_b():
+    sam, _ = load_model("vit_b", weights="random")
+    return sam
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(120, 160, 3), dtype=np.uint8)
+    img[30:90, 40:110] = (200, 40, 40)  # one object to click on
+    return img
+
+
+def predict(sam, image):
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    points = np.array([[70.0, 60.0], [20.0, 10.0]], dtype=np.float32)
+    return predictor.predict(point_coords=points, point_labels=np.array([1, 0]), multimask_output=True)
+
+
+@pytest.fixture(scope="module")
+def pristine(vit_b, image):
+    return copy.deepcopy(vit_b), predict(vit_b, image)
+
+
+@pytest.mark.parametrize("name", list_patches())
+def test_official_predictor_and_exact_undo(name, vit_b, image, pristine):
+    reason = get_patch(name).unavailable_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+    reference, (ref_masks, ref_scores, ref_low) = pristine
+    with get_patch(name).apply(vit_b):
+        masks, scores, low = predict(vit_b, image)
+    assert masks.shape == ref_masks.shape == (3, 120, 160) and masks.dtype == bool
+    assert scores.shape == (3,) and np.isfinite(scores).all() and np.isfinite(low).all()
+    assert tensors_equal(vit_b, reference) == []
+    after = predict(vit_b, image)
+    for a, b in zip(after, (ref_masks, ref_scores, ref_low)):
+        assert np.array_equal(a, b)
+    assert all(type(m) is type(r) for m, r in zip(vit_b.modules(), reference.modules()))
+    assert torch.equal(vit_b.prompt_encoder.get_dense_pe(), reference.prompt_encoder.get_dense_pe())
