@@ -199,6 +199,7 @@ def reset_peak_memory(device: torch.device) -> str:
     """Start the peak-memory window here; returns how the peak will be measured."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # blocks freed by patches (e.g. bf16's fp32 originals) must not count as reserved
         torch.cuda.reset_peak_memory_stats(device)
         return "cuda max_memory_allocated/max_memory_reserved since model load"
     try:
