@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import partial
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verified_tiny_weights() -> Path:
+    """The shipped tiny weights, after checking their SHA-256 against the provenance JSON beside them."""
+    meta = TINY_WEIGHTS.with_suffix(".json")
+    if not TINY_WEIGHTS.exists() or not meta.exists():
+        raise FileNotFoundError(f"the shipped tiny weights are missing: {TINY_WEIGHTS} (+ .json)")
+    expected, actual = json.loads(meta.read_text())["sha256"], sha256(TINY_WEIGHTS)
+    if actual != expected:
+        raise ValueError(f"{TINY_WEIGHTS}: sha256 {actual} does not match {expected} recorded in {meta.name}")
+    return TINY_WEIGHTS
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -98,16 +110,19 @@ def load_model(name: str, device: str = "cpu", weights: str | Path | None = None
     """The model in eval mode on `device` and a label for its weights.
 
     Args:
-        weights: "random" (seeded, labelled as such), a checkpoint path, or None:
+        weights: "random" (seeded, labelled as such), "official" (Meta's checkpoint, downloaded into the
+            cache and verified), a checkpoint path, or None:
             the shipped trained weights for `tiny`; other models need an explicit choice.
     """
     sam = build(name)
     if weights is None:
         if name != "tiny":
             raise ValueError(f"{name} needs weights: a checkpoint path or 'random'")
-        if not TINY_WEIGHTS.exists():
-            raise FileNotFoundError(f"the shipped tiny weights are missing: {TINY_WEIGHTS}")
-        weights = TINY_WEIGHTS
+        weights = verified_tiny_weights()
+    if weights == "official":
+        from samrepro.checkpoints import resolve
+
+        weights = resolve(name)
     if weights == "random":
         randomize(sam, seed)
         label = f"random(seed={seed})"

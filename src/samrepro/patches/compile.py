@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,14 +68,15 @@ def _scoped_call(call: Callable[..., Any], knobs: dict[str, Any], clone: bool) -
     Compilation happens at the first call (and at every recompile), so the knobs have to
     wrap the calls, not `apply`; outside a call the global config is never touched.
 
-    With CUDA graphs the output lives in the graph's memory pool and the next replay
-    overwrites it (cudagraph trees then raise on any later access to the old tensor).
-    `workload.run` consumes the embedding before the next encoder call, but a drop-in Sam
-    must let callers keep it (e.g. embed two images, then prompt both), so it is cloned:
-    one (B, 256, 64, 64) copy, microseconds against a vit_b encoder's tens of ms.
+    With CUDA graphs the output lives in the graph's memory pool. A steady-state replay hands
+    back the very same tensor refilled (cudagraph_trees.reconstruct_outputs), so an embedding
+    kept from an earlier call silently becomes the newest one; only outputs of warm-up and
+    recording runs raise on access. `workload.run` consumes the embedding before the next
+    encoder call, but a drop-in Sam must let callers keep it (embed two images, then prompt
+    both), so it is cloned: one (B, 256, 64, 64) copy, microseconds against a vit_b encoder's
+    tens of ms. `cudagraph_mark_step_begin()` would not help (it only permits the overwrite).
     """
 
-    @functools.wraps(call)
     def scoped(*args: Any, **kwargs: Any) -> Any:
         with inductor_config.patch(knobs):
             out = call(*args, **kwargs)
@@ -84,7 +84,7 @@ def _scoped_call(call: Callable[..., Any], knobs: dict[str, Any], clone: bool) -
             out = out.clone()
         return out
 
-    return scoped
+    return scoped  # no functools.wraps: it would copy dynamo's `_torchdynamo_orig_callable` marker
 
 
 def _apply(sam: nn.Module, config: CompileConfig, undo: Undo) -> None:
@@ -111,9 +111,13 @@ PATCH = register_patch(
         summary="torch.compile of the image encoder (default max-autotune), inductor knobs scoped to its calls",
         config_cls=CompileConfig,
         apply_fn=_apply,
-        # Measured on the tiny model, random weights, CPU (torch 2.11, inductor C++ backend, fp32):
-        # embedding SQNR ~ ? dB, mask agreement ? , |dIoU pred| ? -- see tests/test_compile.py.
-        tolerance=Tolerance(agreement_miou_min=0.99, embedding_sqnr_min_db=80.0, iou_pred_max_abs=1e-4),
+        # Measured (tiny, random weights seeds 0-2, fp32, TF32 off, torch 2.11; CPU C++ and H200 Triton,
+        # modes default and max-autotune): embedding SQNR 122.7-124.5 dB, mask agreement >= 0.9999984,
+        # |d iou_pred| <= 7.2e-7. Only reassociation differs from eager; bounds leave room for deeper
+        # encoders (vit_h has 32 blocks to the tiny's 6) and for masks whose logits sit at the threshold.
+        tolerance=Tolerance(
+            agreement_miou_min=0.995, gt_miou_drop_max=1e-3, embedding_sqnr_min_db=80.0, iou_pred_max_abs=1e-4
+        ),
         touches_encoder=True,  # wraps the encoder: refuses an encoder that is already compiled
     )
 )
