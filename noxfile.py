@@ -14,9 +14,9 @@ USAGE = (
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """pytest on CPU (CUDA-marked tests excluded), then ruff."""
+    """pytest on CPU (tests marked cuda or heavy excluded), then ruff."""
     session.install("-e", ".[dev]")
-    session.run("pytest", "-m", "not cuda", *session.posargs)
+    session.run("pytest", "-m", "not cuda and not heavy", *session.posargs)
     session.run("ruff", "check", "src", "tests")
 
 
@@ -25,7 +25,8 @@ def gates(session: nox.Session) -> None:
     """The equivalence gates on one device: `nox -s gates -- cuda` (default cpu)."""
     session.install("-e", ".[dev]")
     device = session.posargs[0] if session.posargs else "cpu"
-    session.run("pytest", "tests/test_gates.py", "--device", device, *session.posargs[1:])
+    gate_tests = ["tests/test_gates.py", "tests/test_gates_can_fail.py", "tests/test_sync_free_cuda.py"]
+    session.run("pytest", *gate_tests, "--device", device, *session.posargs[1:])
 
 
 @nox.session(reuse_venv=True)

@@ -210,7 +210,7 @@ def test_composes_after_sync_free(sam, spy_compiler):
 # --- real inductor (CPU C++ backend): accuracy -------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the registry gate (tests/test_gates.py) already compiles the default config in CI
 def test_within_tolerance_default_mode(sam):
     """Real inductor compile (mode=default) of the tiny encoder, measured against the eager fp32 model."""
     ref, _ = load_model("tiny", weights="random")
@@ -223,7 +223,7 @@ def test_within_tolerance_default_mode(sam):
     assert outside_state() == outside
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")])],

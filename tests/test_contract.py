@@ -13,7 +13,7 @@ import samrepro
 from samrepro.patch import PatchConfig, PatchError, PatchUnavailable, Requires, Tolerance
 from samrepro.registry import PATCH_ORDER, apply_patches, get_patch, list_patches, ordered, register_patch
 
-EXPECTED = {"bf16", "sync_free", "compile", "sdpa"}
+EXPECTED = {"bf16", "sync_free", "compile", "sdpa", "triton_attn", "batched_decoder"}
 
 
 def test_registry_lists_the_issue_patches_with_tolerances():

@@ -13,6 +13,7 @@ from samrepro import get_patch, list_patches, load_model
 from samrepro.snapshot import tensors_equal
 
 pytestmark = pytest.mark.slow
+HEAVY = {"compile"}  # compiling vit_b on 2 CPU cores takes ~10 min: `pytest -m heavy` runs it; `nox -s tests` does not
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,9 @@ def pristine(vit_b, image):
     return copy.deepcopy(vit_b), predict(vit_b, image)
 
 
-@pytest.mark.parametrize("name", list_patches())
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n for n in list_patches()]
+)
 def test_official_predictor_and_exact_undo(name, vit_b, image, pristine):
     reason = get_patch(name).unavailable_reason("cpu")
     if reason:

@@ -20,7 +20,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from samrepro.metrics import mask_iou
-from samrepro.workload import Prediction, Sample, predict_image, preprocess, prompt_tensors
+from samrepro.workload import Prediction, Sample, predict_image, prediction, preprocess, prompt_tensors
 
 WARMUP_RUNS = 3
 MIB = 1 << 20
@@ -93,18 +93,17 @@ def forward(
 ) -> tuple[torch.Tensor, list[Prediction | None], list[torch.Tensor]]:
     """The timed work: encoder on the batch, predict_torch per real image, IoU against ground truth."""
     features = sam.image_encoder(batch.x)  # B, C, h, w
-    preds: list[Prediction | None] = []
-    ious = []
-    for i in range(batch.real):
-        if batch.prompts[i] is None:
-            preds.append(None)
-            continue
-        pred = predict_image(
-            predictor, features[i : i + 1], batch.input_sizes[i], batch.original_sizes[i], batch.prompts[i]
-        )
-        preds.append(pred)
-        if batch.gt[i] is not None:
-            ious.append(mask_iou(pred.best, batch.gt[i]))  # N
+    if hasattr(sam, "predict_batch"):  # batched_decoder: all real images' prompts in one decoder call
+        outs = sam.predict_batch(features, batch.prompts, batch.input_sizes, batch.original_sizes)
+        preds = [None if o is None else prediction(*o) for o in outs]
+    else:
+        preds = [
+            None
+            if p is None
+            else predict_image(predictor, features[i : i + 1], batch.input_sizes[i], batch.original_sizes[i], p)
+            for i, p in enumerate(batch.prompts)
+        ]
+    ious = [mask_iou(p.best, g) for p, g in zip(preds, batch.gt) if p is not None and g is not None]  # N each
     return features, preds, ious
 
 

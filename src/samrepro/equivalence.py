@@ -18,15 +18,26 @@ def gt_miou(preds: list[workload.Prediction], samples: list[Sample]) -> float | 
     return torch.cat(ious).mean().item() if ious else None
 
 
-def compare(ref: Sam, patched: Sam, samples: list[Sample]) -> dict[str, float | None]:
-    """Measured deviation of `patched` from `ref` (the fp32 model) on `samples`."""
-    ref_emb, ref_preds = workload.run(ref, samples)
-    emb, preds = workload.run(patched, samples)
+def run_chunked(sam: Sam, samples: list[Sample], batch_size: int) -> tuple[torch.Tensor, list[workload.Prediction]]:
+    """workload.run over fixed-size batches (compiled shapes stay static): all embeddings, all predictions."""
+    embs, preds = [], []
+    for i in range(0, len(samples), batch_size):
+        emb, p = workload.run(sam, samples[i : i + batch_size])
+        embs.append(emb.float().cpu())
+        preds += p
+    return torch.cat(embs), preds
+
+
+def compare(ref: Sam, patched: Sam, samples: list[Sample], batch_size: int | None = None) -> dict[str, float | None]:
+    """Deviation of `patched` from `ref` (the fp32 model), pooled over every prompt of `samples`."""
+    batch_size = batch_size or len(samples)
+    ref_emb, ref_preds = run_chunked(ref, samples, batch_size)
+    emb, preds = run_chunked(patched, samples, batch_size)
     ious = [mask_iou(p.best.cpu(), r.best.cpu()) for p, r in zip(preds, ref_preds) if r.best.numel()]
     iou_dev = [max_abs(r.iou_pred.cpu(), p.iou_pred.cpu()) for p, r in zip(preds, ref_preds)]
     ref_gt, gt = gt_miou(ref_preds, samples), gt_miou(preds, samples)
     return {
-        "embedding_sqnr_db": sqnr_db(ref_emb.float().cpu(), emb.float().cpu()),
+        "embedding_sqnr_db": sqnr_db(ref_emb, emb),
         "miou_agreement": torch.cat(ious).mean().item() if ious else None,
         "iou_pred_max_abs": max(iou_dev, default=0.0),
         "miou_gt": gt,

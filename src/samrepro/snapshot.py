@@ -38,7 +38,12 @@ def global_state() -> dict[str, Any]:
         ),
         "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
         "matmul_precision": torch.get_float32_matmul_precision(),
-        "upstream": {(m.__name__, k): id(v) for m in modules for k, v in vars(m).items() if callable(v)},
+        "upstream": {  # dynamo adds __compiled_fn_* globals while compiled code exists; reset() removes them
+            (m.__name__, k): id(v)
+            for m in modules
+            for k, v in vars(m).items()
+            if callable(v) and not k.startswith("__")
+        },
         "classes": {(m.__name__, k): dict(vars(v)) for m in modules for k, v in vars(m).items() if isinstance(v, type)},
     }
 

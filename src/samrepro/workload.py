@@ -72,6 +72,10 @@ def predict_image(
     predictor.input_size, predictor.original_size = input_size, original_size
     predictor.is_image_set = True
     masks, iou_pred, _ = predictor.predict_torch(**prompts, multimask_output=True)
+    return prediction(masks, iou_pred)
+
+
+def prediction(masks: torch.Tensor, iou_pred: torch.Tensor) -> Prediction:
     iou_pred = iou_pred.float()
     return Prediction(masks=masks, iou_pred=iou_pred, best=best_mask(masks, iou_pred))
 
@@ -83,10 +87,12 @@ def run(sam: Sam, samples: list[Sample]) -> tuple[torch.Tensor, list[Prediction]
     x, input_sizes, original_sizes = preprocess(sam, samples, device)
     features = sam.image_encoder(x)
     predictor = SamPredictor(sam)
-    preds = [
-        predict_image(
-            predictor, features[i : i + 1], input_sizes[i], original_sizes[i], prompt_tensors(predictor, s, device)
-        )
-        for i, s in enumerate(samples)
-    ]
+    prompts = [prompt_tensors(predictor, s, device) for s in samples]
+    if hasattr(sam, "predict_batch"):  # batched_decoder: one decoder call for the whole batch
+        preds = [prediction(*out) for out in sam.predict_batch(features, prompts, input_sizes, original_sizes)]
+    else:
+        preds = [
+            predict_image(predictor, features[i : i + 1], input_sizes[i], original_sizes[i], p)
+            for i, p in enumerate(prompts)
+        ]
     return features, preds

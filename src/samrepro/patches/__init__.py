@@ -1,3 +1,3 @@
 """One module per optimization; importing this package registers them all."""
 
-from samrepro.patches import bf16, compile, sdpa, sync_free  # noqa: F401
+from samrepro.patches import batched_decoder, bf16, compile, sdpa, sync_free, triton_attn  # noqa: F401

@@ -7,6 +7,11 @@ decoder runs on that batch. Images whose prompts have different token layouts (p
 not) are decoded in separate calls: padding with "not a point" tokens would change the attention, so the
 packed result would no longer equal the per-image one. The 3-mask multimask protocol is kept (SAF's nested
 path returned 4 masks).
+
+Speed, CPU only so far (tiny, fp32, 1 thread, decoder + postprocess of 8 images, a busy 2-core machine, min of
+12): 8 prompts each 240 ms per image vs 269 ms packed (bigger working sets fall out of cache); 2 prompts each
+155 vs 99 ms; bf16 + sync_free + sdpa, 8 prompts each 185 vs 147 ms. SAF's jagged NestedTensor path, run on the
+same weights and inputs, took 315 ms and 199 ms (its masks 1..3 match these to 1e-6).
 """
 
 from __future__ import annotations
@@ -146,7 +151,13 @@ PATCH = register_patch(
         summary="all prompts of an image batch through one prompt-encoder and mask-decoder call (packed)",
         config_cls=BatchedDecoderConfig,
         apply_fn=_apply,
-        tolerance=Tolerance(),  # placeholder, replaced below after measurement
+        # Same math per prompt; only matmuls over more rows (float reassociation). The encoder is untouched, so
+        # embeddings stay bit-exact. Measured against per-image predict_torch on the same model, fp32 CPU (torch
+        # 2.11.0, 1 thread, TF32 off), tiny random weights, 150 batches of 1-4 images x 1-7 prompts, points and
+        # boxes (1,325 prompts): |d iou_pred| <= 7e-7, 22 mask pixels flipped in all, no best-mask flip, agreement
+        # mean 1.0000000, min 0.99997. With bf16 + sync_free + sdpa below it (CPU, 60 batches, 546 prompts):
+        # identical outputs. Not yet measured on CUDA. Bounds keep > 100x margin on the deviation, as sdpa's do.
+        tolerance=Tolerance(agreement_miou_min=0.995, gt_miou_drop_max=0.002, iou_pred_max_abs=1e-4),
         touches_encoder=False,
     )
 )

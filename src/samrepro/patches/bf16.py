@@ -120,16 +120,17 @@ def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
     undo.setattr(sam.mask_decoder, "forward", MethodType(decoder_forward, sam.mask_decoder))
 
 
-# Measured against the fp32 model with the same (random) weights, default config; trained tiny weights not yet shipped.
-# tiny, 600 gate-sized batches (1-3 images, 1-4 prompts; H200): SQNR >= 39.5 dB, |d iou_pred| <= 0.020, agreement
-#   mean 0.94, 1st percentile 0.66, min 0.48 (random IoU scores are near-equal, so best-of-3 argmax flips), GT-mIoU drop
-#   p99 0.0016, max 0.037; on CPU (120 batches) SQNR >= 39.9 dB, |d iou_pred| <= 0.019, agreement min 0.62.
-# vit_b at 1024 px, 16 images x 8 prompts (H200): SQNR >= 39.0 dB, per-image agreement >= 0.85 (mean 0.95),
-#   |d iou_pred| <= 0.019; CPU, 1 image x 4 prompts: 39.5 dB, agreement 0.983, |d iou_pred| 0.008.
+# Measured against the fp32 model with the same weights, default config (CPU, torch 2.11):
+# trained tiny (shipped weights), fixed validation subset (48 synthetic val images, 254 center-point prompts, batches
+#   of 8): agreement 0.990, GT-mIoU drop 0.000, SQNR >= 45.7 dB, |d iou_pred| <= 0.014; 40 random gate batches
+#   (1-3 images, 1-4 prompts): SQNR >= 45.1 dB, |d iou_pred| <= 0.023 (per-batch agreement is noisy: min 0.70,
+#   a single best-of-3 flip among 1-3 prompts).
+# random vit_b, 1024 px, 16 images x 8 prompts (H200): SQNR >= 39.0 dB, agreement mean 0.95 (per image >= 0.85),
+#   |d iou_pred| <= 0.019; random tiny, 600 gate batches (H200): SQNR >= 39.5 dB, |d iou_pred| <= 0.020.
 # Published (SAF, COCO, trained weights): mIoU +0.008 (vit_b) / -0.003 (vit_h), encoder error 1.1-1.5% (36-39 dB).
-# coords_fp32=False (SAF's bf16 coordinates) measures worse than this bound allows at times: |d iou_pred| up to 0.053,
-#   agreement min 0.35 on the same batches.
-TOLERANCE = Tolerance(agreement_miou_min=0.4, gt_miou_drop_max=0.05, embedding_sqnr_min_db=34.0, iou_pred_max_abs=0.05)
+# So agreement >= 0.93 holds for random vit_b (0.95) with margin; the trained model sits far above it.
+# coords_fp32=False (SAF's bf16 coordinates) measures worse (random tiny: |d iou_pred| up to 0.053).
+TOLERANCE = Tolerance(agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05)
 
 PATCH = register_patch(
     Patch(

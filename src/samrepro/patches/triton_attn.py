@@ -10,7 +10,6 @@ counted in `samrepro.kernels.COUNTERS`; inputs the kernel cannot take raise. The
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
 
@@ -45,34 +44,33 @@ class TritonAttnConfig(PatchConfig):
         return self.block_m, self.block_n, self.num_warps, self.num_stages
 
 
-def encoder_attention_forward(
-    self: image_encoder.Attention, x: torch.Tensor, attention: Callable[..., torch.Tensor], blocks: tuple[int, ...]
-) -> torch.Tensor:
+def encoder_attention_forward(self: image_encoder.Attention, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel."""
     B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
     qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
     q, k, v = qkv.unbind(0)  # B, heads, HW, d: strided views, read in place by the kernel
     rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
-    out = attention(q, k, v, rel_h.flatten(2, 3), rel_w.flatten(2, 3), self.scale, blocks)  # B, heads, HW, d
+    rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
+    out = torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, *blocks)  # B, heads, HW, d
     return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # the kernel wrote (B, HW, heads, d): no copy
 
 
-def _bind(module: image_encoder.Attention, attention: Callable[..., torch.Tensor], blocks: tuple[int, ...]):
+def _bind(module: image_encoder.Attention, blocks: tuple[int, ...]):
     def forward(self, x):
-        return encoder_attention_forward(self, x, attention, blocks)
+        return encoder_attention_forward(self, x, blocks)
 
     return MethodType(forward, module)
 
 
 def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
-    from samrepro.kernels.rel_pos_attention import rel_pos_attention  # imports Triton: only when applied
+    import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton, so only when applied)
 
     attns = [(n, m) for n, m in sam.image_encoder.named_modules() if isinstance(m, image_encoder.Attention)]
     plain = [n for n, m in attns if not m.use_rel_pos]
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
     for _, module in attns:
-        undo.setattr(module, "forward", _bind(module, rel_pos_attention, config.blocks()))
+        undo.setattr(module, "forward", _bind(module, config.blocks()))
 
 
 PATCH = register_patch(
@@ -85,7 +83,7 @@ PATCH = register_patch(
         # bf16 flash attention (fp32 accumulation). On fp32 inputs it runs IEEE fp32 dots; Triton's CPU interpreter
         # gives <= 1.3e-6 max abs error against a float64 reference (tests/test_triton_attn.py). SAF: mIoU ~0.
         tolerance=Tolerance(
-            agreement_miou_min=0.4, gt_miou_drop_max=0.05, embedding_sqnr_min_db=34.0, iou_pred_max_abs=0.05
+            agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05
         ),
         requires=Requires(devices=("cuda",), min_capability=(8, 0), packages=("triton",)),
     )

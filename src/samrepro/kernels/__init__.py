@@ -1,0 +1,6 @@
+"""Hand-written Triton kernels; each is imported by the patch that installs it, never at package import."""
+
+# Launches per kernel path in this process, e.g. {"rel_pos_attention.triton": 96}, for StepResult.kernel_paths.
+# Counted in each custom op's Python implementation, which runs on every eager or torch.compile'd call; CUDA-graph
+# replays run no Python, so under max-autotune only the warm-up and recording launches are counted.
+COUNTERS: dict[str, int] = {}

@@ -1,0 +1,190 @@
+"""Flash-attention forward with SAM's decomposed relative-position bias fused in (REFERENCE §3.6).
+
+out = softmax_keys(scale * q·k + rel_h[q, key // kw] + rel_w[q, key % kw]) @ v, keys on a kh x kw grid. The
+(N_q, N_k) bias is never materialised: every key block gathers its two terms from rel_h (N_q, kh) and rel_w
+(N_q, kw) by each key's own grid row and column, so any BLOCK_N is right (SAF's kernel took the key block for
+one grid row: wrong unless BLOCK_N == 64). The softmax runs in base 2: q is pre-scaled by scale * log2(e) and
+the bias is multiplied by log2(e) too (SAF's kernel left the bias unscaled until 387488b).
+
+Registered as the custom op `samrepro::rel_pos_attention` with a fake implementation, so torch.compile traces
+it as one opaque call. Not `torch.library.triton_op`: its `wrap_triton` refuses the kernels of Triton's CPU
+interpreter (TRITON_INTERPRET=1), which is how this kernel is tested without a GPU. Forward only, no autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from samrepro.kernels import COUNTERS
+
+PATH = "rel_pos_attention.triton"  # the COUNTERS key; there is no fallback path: unfit inputs raise
+LOG2E = tl.constexpr(math.log2(math.e))
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp32 dots run in IEEE, not TF32
+MAX_HEAD_DIM = 256
+
+
+def default_blocks(n_k: int, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): a fixed starting table, not yet tuned on a GPU."""
+    if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory
+        return 64, 32, 4, 2
+    if n_k <= 256:  # SAM's 14x14 windows (196 keys)
+        return 64, 64, 4, 2
+    return 128, 64, 4 if head_dim <= 64 else 8, 3  # 64x64 global attention: a key block is one grid row
+
+
+@triton.jit
+def _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) bias rel_h[q, key // KW] + rel_w[q, key % KW] of the keys start_n + offs_n."""
+    if KW % BLOCK_N == 0:  # the block lies in one grid row: one rel_h value per query, a contiguous rel_w slice
+        rh = tl.load(rh_row + start_n // KW, mask=q_mask, other=0.0)[:, None]
+        rw = tl.load(rw_row[:, None] + (start_n % KW + offs_n)[None, :], mask=q_mask[:, None], other=0.0)
+    else:  # the block spans several rows, or part of one: every key looks up its own row
+        key = start_n + offs_n
+        mask = q_mask[:, None] & (key < KH * KW)[None, :]
+        rh = tl.load(rh_row[:, None] + (key // KW)[None, :], mask=mask, other=0.0)
+        rw = tl.load(rw_row[:, None] + (key % KW)[None, :], mask=mask, other=0.0)
+    return rh.to(tl.float32) + rw.to(tl.float32)
+
+
+@triton.jit
+def _rel_pos_attention_fwd(
+    q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
+    qk_scale, N_Q, HEADS,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_n, so_d,
+    KH: tl.constexpr, KW: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2."""
+    n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
+    bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
+    b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
+    offs_m = (tl.program_id(0) % n_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = offs_m < N_Q
+    d_mask = offs_d < HEAD_DIM  # BLOCK_D pads the head dim to a power of two (vit_h: 80 -> 128) without copies
+
+    q_tile = q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
+    q = tl.load(q_tile, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, BLOCK_D
+    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # scores come out in log2 units
+    k_tile = k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d  # BLOCK_D, BLOCK_N
+    v_tile = v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d  # BLOCK_N, BLOCK_D
+    rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
+    rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, KH * KW, BLOCK_N):
+        n_mask = start_n + offs_n < KH * KW
+        k = tl.load(k_tile + start_n * sk_n, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION)  # BLOCK_M, BLOCK_N
+        s += _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH, KW, BLOCK_N) * LOG2E
+        if (KH * KW) % BLOCK_N != 0:  # the last key block is partial
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_tile + start_n * sv_n, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    o_tile = o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
+    tl.store(o_tile, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+
+
+INTERPRETED = not isinstance(_rel_pos_attention_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> None:
+    """Raise ValueError unless the inputs fit the kernel (there is no fallback to another path)."""
+    if not all(t.dim() == 4 for t in (q, k, v, rel_h, rel_w)):
+        raise ValueError("rel_pos_attention: q, k, v, rel_h, rel_w must all be 4-D (B, heads, tokens, ...)")
+    batch, heads, n_q, d = q.shape
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    if k.shape != (batch, heads, kh * kw, d) or v.shape != k.shape:
+        raise ValueError(f"rel_pos_attention: k, v must be {(batch, heads, kh * kw, d)}, got {k.shape}, {v.shape}")
+    if rel_h.shape[:3] != (batch, heads, n_q) or rel_w.shape[:3] != (batch, heads, n_q):
+        raise ValueError(f"rel_pos_attention: rel_h, rel_w must start {(batch, heads, n_q)}, got {rel_h.shape}, "
+                         f"{rel_w.shape}")  # fmt: skip
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"rel_pos_attention: q, k, v must share one of {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not rel_h.is_floating_point() or not rel_w.is_floating_point():
+        raise ValueError(f"rel_pos_attention: rel_h, rel_w must be floating point, got {rel_h.dtype}, {rel_w.dtype}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"rel_pos_attention: head dim {d} > {MAX_HEAD_DIM}")
+    if len({t.device for t in (q, k, v, rel_h, rel_w)}) != 1:
+        raise ValueError("rel_pos_attention: all inputs must be on one device")
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N_q, d) laid out as (B, N_q, heads, d): the encoder's proj then needs no transposing copy."""
+    batch, heads, n_q, d = q.shape
+    return q.new_empty(batch, n_q, heads, d).transpose(1, 2)
+
+
+@torch.library.custom_op("samrepro::rel_pos_attention", mutates_args=())
+def rel_pos_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    block_m: int = 0,
+    block_n: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
+) -> torch.Tensor:
+    """softmax(scale * q @ k^T + bias) @ v, bias(q, key) = rel_h[q, key // kw] + rel_w[q, key % kw].
+
+    Args:
+        q: (B, heads, N_q, d); k, v: (B, heads, kh * kw, d), keys in row-major grid order.
+        rel_h: (B, heads, N_q, kh); rel_w: (B, heads, N_q, kw).
+        scale: softmax scale, applied to q @ k^T only (the bias is added unscaled, as in SAM).
+        block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_blocks`.
+    """
+    _check(q, k, v, rel_h, rel_w)
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"rel_pos_attention runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {q.device}")
+    batch, heads, n_q, d = q.shape
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    given = (block_m, block_n, num_warps, num_stages)
+    bm, bn, warps, stages = (g or dflt for g, dflt in zip(given, default_blocks(kh * kw, d, q.element_size())))
+    if not all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn)):
+        raise ValueError(f"rel_pos_attention: block sizes must be powers of two >= 16, got {bm}, {bn}")
+    COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
+    out = _empty_out(q)
+    grid = (batch * heads * triton.cdiv(n_q, bm),)
+    _rel_pos_attention_fwd[grid](
+        q, k, v, rel_h.contiguous(), rel_w.contiguous(), out,
+        scale * LOG2E.value, n_q, heads,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@rel_pos_attention_op.register_fake
+def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0):
+    _check(q, k, v, rel_h, rel_w)
+    return _empty_out(q)
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same attention with the (N_q, kh * kw) bias materialised and the softmax in fp32, in q's dtype."""
+    bias = (rel_h.float()[..., :, None] + rel_w.float()[..., None, :]).flatten(-2)  # B, heads, N_q, kh * kw
+    attn = torch.softmax(scale * q.float() @ k.float().transpose(-1, -2) + bias, dim=-1)
+    return (attn @ v.float()).to(q.dtype)
