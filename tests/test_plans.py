@@ -131,3 +131,18 @@ def test_cumulative_add_twice_and_unknown_plan(tmp_path):
         plans.resolve(plan, "cumulative", lambda names: None)
     with pytest.raises(PlanError, match="unknown plan 'nope'; valid: .*blog"):
         plans.find_plan("nope")
+
+
+def test_adhoc_plan_from_patch_names():
+    plan = plans.adhoc(["bf16", "sdpa"])
+    assert plan.name == "patches-bf16+sdpa" and [s.name for s in plan.steps] == ["fp32", "bf16", "sdpa"]
+    cum = plans.resolve(plan, "cumulative", lambda names: None)
+    assert [s.patches for s in cum] == [(), ("bf16",), ("bf16", "sdpa")]
+    assert [s.patches for s in plans.resolve(plan, "isolated", lambda names: None)] == [(), ("bf16",), ("sdpa",)]
+
+
+def test_unreadable_plan_file(tmp_path):
+    path = write(tmp_path, "")
+    path.write_bytes(b'name = "\xff"\n')
+    with pytest.raises(PlanError, match=f"{path}: cannot read the plan: .*utf-8"):
+        plans.load(path)

@@ -234,3 +234,16 @@ def test_step_process_records_its_own_exception(e2e, tmp_path):
     assert step.main([str(tmp_path / "spec.json")]) == 1
     result = results.read(tmp_path / "step_01_sync_free.json")
     assert result.status == "failed" and "bogus" in result.reason and "Traceback" in result.error
+
+
+def test_patches_by_name_make_an_adhoc_plan(env_vars, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    calls = fake_step(monkeypatch, tmp_path)
+    outcome = runner.run_ablation(
+        "tiny", "cpu", patches=["sync_free", "sdpa"], batch_size=2, images=2, weights="random", track=False
+    )
+    assert outcome.results_dir == Path("results/tiny-cpu-patches-sync_free+sdpa-cumulative-bs2")
+    assert [(r.step, r.patches) for r in outcome.results] == [
+        ("fp32", []), ("sync_free", ["sync_free"]), ("sdpa", ["sync_free", "sdpa"])
+    ]  # fmt: skip
+    assert len(calls.read_text().split()) == 3

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from samrepro.lock import FolderLocked
 from samrepro.models import MODELS
 from samrepro.plans import MODES, PlanError
-from samrepro.runner import DEVICES, UsageError
+from samrepro.runner import DEVICES, Interrupted, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,6 +32,10 @@ def positive(text: str) -> int:
     return value
 
 
+def names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="samrepro", description="Segment Anything, Fast as gated, reversible patches.")
     parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
@@ -41,12 +46,16 @@ def build_parser() -> Parser:
     ab = sub.add_parser("ablate", help="run a plan of patches, one fresh process per step", parents=[common])
     ab.add_argument("model", choices=MODELS)
     ab.add_argument("device", help=f"{' or '.join(DEVICES)} (or cuda:N)")
-    ab.add_argument("--plan", help="plan name in ablations/ or a .toml path (default: blog on cuda, cpu on cpu)")
+    which = ab.add_mutually_exclusive_group()
+    which.add_argument("--plan", help="plan name in ablations/ or a .toml path (default: blog on cuda, cpu on cpu)")
+    which.add_argument("--patches", type=names, help="a,b: fp32, then +a, then +a+b; each must be able to run here")
     ab.add_argument("--mode", choices=MODES, default="cumulative")
     ab.add_argument("--batch-size", type=positive, default=8)
     ab.add_argument("--images", type=positive, default=32)
     ab.add_argument("--prompts", type=positive, help="at most this many prompts per image (default: all)")
-    ab.add_argument("--weights", help="'random' or a checkpoint path (default: shipped for tiny, random for vit_*)")
+    ab.add_argument(
+        "--weights", help="'random', 'official' or a checkpoint path (default: shipped for tiny, random for vit_*)"
+    )
     ab.add_argument("--data", default="synthetic", help="synthetic or coco:DIR")
     ab.add_argument("--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB)")
     ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
@@ -67,6 +76,11 @@ def build_parser() -> Parser:
 
     sub.add_parser("patches", help="registered patches, their tolerances and availability here", parents=[common])
 
+    fetch = sub.add_parser("weights", help="download and verify official checkpoints into the cache", parents=[common])
+    fetch.add_argument("action", choices=["fetch"])
+    fetch.add_argument("models", nargs="+", choices=["vit_b", "vit_l", "vit_h"])
+    fetch.add_argument("--cache-dir", type=Path, help="default: $SAMREPRO_CACHE/checkpoints or ~/.cache/samrepro/...")
+
     train = sub.add_parser("train-tiny", help="train the tiny model's shipped weights", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -81,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args, argv)
-    except (UsageError, PlanError, FileNotFoundError) as e:
+    except (UsageError, PlanError, FileNotFoundError, FolderLocked) as e:
         if args.debug:
             raise
         print(f"samrepro: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the runner took over the signals
+        if args.debug:
+            raise
+        print("samrepro: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if args.debug:
             raise
@@ -96,23 +115,29 @@ def main(argv: list[str] | None = None) -> int:
 def ablate(args: argparse.Namespace, argv: list[str]) -> int:
     from samrepro.runner import run_ablation
 
-    outcome = run_ablation(
-        args.model,
-        args.device,
-        plan=args.plan,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        images=args.images,
-        prompts=args.prompts,
-        weights=args.weights,
-        data=args.data,
-        results_dir=args.results,
-        tracking_uri=args.tracking_uri,
-        force=args.force,
-        profile=args.profile,
-        track=not args.no_track,
-        command=shlex.join(["samrepro", *argv]),
-    )
+    try:
+        outcome = run_ablation(
+            args.model,
+            args.device,
+            plan=args.plan,
+            patches=args.patches,
+            mode=args.mode,
+            batch_size=args.batch_size,
+            images=args.images,
+            prompts=args.prompts,
+            weights=args.weights,
+            data=args.data,
+            results_dir=args.results,
+            tracking_uri=args.tracking_uri,
+            force=args.force,
+            profile=args.profile,
+            track=not args.no_track,
+            command=shlex.join(["samrepro", *argv]),
+        )
+    except Interrupted as e:
+        again = shlex.join(["samrepro", *(a for a in argv if a != "--force")])  # --force would redo finished steps
+        print(f"samrepro: {e}; to resume, run: {again}", file=sys.stderr)
+        return e.exit_code
     print(outcome.results_dir)
     return outcome.exit_code
 
@@ -165,6 +190,14 @@ def patches(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def weights(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.checkpoints import fetch
+
+    for model in args.models:
+        print(fetch(model, args.cache_dir))
+    return 0
+
+
 def train_tiny(args: argparse.Namespace, argv: list[str]) -> int:
     from samrepro import train
 
@@ -184,7 +217,15 @@ def _need_dir(path: Path) -> None:
         raise UsageError(f"results folder not found: {path}")
 
 
-COMMANDS = {"ablate": ablate, "report": report, "log": log, "ui": ui, "patches": patches, "train-tiny": train_tiny}
+COMMANDS = {
+    "ablate": ablate,
+    "report": report,
+    "log": log,
+    "ui": ui,
+    "patches": patches,
+    "weights": weights,
+    "train-tiny": train_tiny,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -129,9 +129,17 @@ def load(path: Path) -> Plan:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except tomllib.TOMLDecodeError as e:  # its message ends with "(at line L, column C)"
         raise PlanError(f"{path}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"{path}: cannot read the plan: {e}") from None
     return parse(data, str(path))
+
+
+def adhoc(patches: list[str]) -> Plan:
+    """fp32, then one step per patch, named after it: the plan of `samrepro ablate --patches a,b`."""
+    steps = [{"name": "fp32"}, *({"name": p, "add": [p]} for p in patches)]
+    return parse({"name": f"patches-{'+'.join(patches)}", "steps": steps}, "--patches")
 
 
 def parse(data: dict[str, Any], source: str = "<plan>") -> Plan:

@@ -1,19 +1,31 @@
 """Run a plan: one fresh `python -m samrepro.step` process per step, resumable; then the report and tracking.
 
 A results folder holds plan.json, one StepResult JSON per step (the source of truth), specs/ (what each step
-was asked to run, for resume), logs/ (each step's output), baseline.pt (the fp32 step's outputs) and traces/.
+was asked to run, for resume), logs/ (each step's output), baseline.pt (the fp32 step's outputs), traces/ and
+runner.lock (one runner per folder, see lock.py).
+
+Bad input (names, weights, data, plan, folder) is refused before the first step starts. Interruption loses
+nothing finished: every result is written atomically, so a step is either complete on disk or absent. SIGINT or
+SIGTERM stop the running step's process (it writes no result) and raise Interrupted; after a kill -9 of the runner
+the kernel kills the step too (Linux: PR_SET_PDEATHSIG), so no orphan writes into a folder a rerun is using.
+A rerun keeps the finished steps and runs the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +33,8 @@ from typing import Any
 
 import torch
 
-from samrepro import env, plans, results
-from samrepro.models import MODELS, TINY_WEIGHTS
+from samrepro import env, lock, plans, results
+from samrepro.models import MODELS, build, verified_tiny_weights
 from samrepro.plans import Plan, ResolvedStep
 from samrepro.registry import get_patch, list_patches
 from samrepro.results import StepResult
@@ -32,10 +44,31 @@ STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
 STDERR_TAIL = 40  # lines of a crashed step's output kept in its result
 VOLATILE = ("results_dir", "cache_dir", "profile")  # spec keys that do not change what a step measures
 DEVICES = ("cpu", "cuda")
+SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # what every SAM state dict key starts with
+STOP_GRACE_S = 10  # an interrupted step process gets this long to end after SIGTERM, then SIGKILL
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class UsageError(ValueError):
     """Bad input from the user; the message says what is valid."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the runner; finished steps are on disk and a rerun resumes."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.results_dir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
+
+    def __str__(self) -> str:
+        kept = f"; finished steps are kept in {self.results_dir}" if self.results_dir else ""
+        return f"interrupted by {signal.Signals(self.signum).name}{kept}"
 
 
 @dataclass
@@ -65,6 +98,7 @@ def run_ablation(
     model: str,
     device: str,
     plan: str | Path | Plan | None = None,
+    patches: list[str] | None = None,
     mode: str = "cumulative",
     batch_size: int = 8,
     images: int = 32,
@@ -82,22 +116,28 @@ def run_ablation(
 
     Args:
         plan: a Plan, a plan file, or a plan name in ablations/ (default: blog on cuda, cpu on cpu).
+        patches: instead of a plan, fp32 then one step per patch; a patch that cannot run here is an error.
         prompts: at most this many prompts per image (None: all).
         weights: "random", a checkpoint path, or None: tiny's shipped weights, random for the vit_* models.
         force: rerun steps whose results already exist.
         track: log the results folder to MLflow at the end.
     """
     check_inputs(model, device, mode, batch_size, images, prompts)
+    if patches is not None:
+        if plan is not None:
+            raise UsageError("give a plan or a list of patches, not both")
+        check_patches(patches, device)
+        plan = plans.adhoc(patches)
     weights = resolve_weights(model, weights)
     data = resolve_data(data)
     if not isinstance(plan, Plan):
         plan = plans.load(plans.find_plan(str(plan or default_plan(device))))
     steps = plans.resolve(plan, mode, lambda names: unavailable(names, device))
     folder = Path(results_dir or default_results_dir(model, device, plan.name, mode, batch_size))
-    plan_hash = plan.hash()
+    command = command or shlex.join(sys.argv)
     setup = {
         "plan": plan.to_dict(),
-        "plan_hash": plan_hash,
+        "plan_hash": plan.hash(),
         "mode": mode,
         "model": model,
         "device": device,
@@ -107,11 +147,22 @@ def run_ablation(
         "weights": weights,
         "data": data,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "plan.json", setup | {"command": command or shlex.join(sys.argv)})
-    _set_aside_stale(folder, [_filename(s) for s in steps])
-    _say(f"{plan.name} ({mode}) on {model}/{device}, batch {batch_size}, {images} images -> {folder}")
+    with _interruptible(), _locked(folder, command):
+        try:
+            _write_json(folder / "plan.json", setup | {"command": command})
+            _set_aside_stale(folder, [_filename(s) for s in steps])
+            _say(f"{plan.name} ({mode}) on {model}/{device}, batch {batch_size}, {images} images -> {folder}")
+            outcome = Outcome(folder, _run_steps(folder, steps, setup, force, profile))
+            _finish(folder, tracking_uri, track)
+        except Interrupted as e:
+            e.results_dir = folder
+            raise
+    return outcome
 
+
+def _run_steps(
+    folder: Path, steps: list[ResolvedStep], setup: dict[str, Any], force: bool, profile: bool
+) -> list[StepResult]:
     out = []
     for step in steps:
         spec = setup | {
@@ -139,10 +190,7 @@ def run_ablation(
             result = _spawn(folder, step, spec)
         _say(_summary(result))
         out.append(result)
-
-    outcome = Outcome(folder, out)
-    _finish(folder, tracking_uri, track)
-    return outcome
+    return out
 
 
 def check_inputs(model: str, device: str, mode: str, batch_size: int, images: int, prompts: int | None) -> None:
@@ -160,31 +208,119 @@ def check_inputs(model: str, device: str, mode: str, batch_size: int, images: in
             raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
+def check_patches(names: list[str], device: str) -> None:
+    """Patches asked for by name must exist and run here: an error with the reason (a plan's steps are skipped)."""
+    valid = list_patches()
+    if not names:
+        raise UsageError(f"no patch names given; valid: {', '.join(valid)}")
+    for name in names:
+        if name not in valid:
+            raise UsageError(f"unknown patch {name!r}; valid: {', '.join(valid)}")
+        if names.count(name) > 1:
+            raise UsageError(f"patch {name!r} is listed twice")
+        if reason := get_patch(name).unavailable_reason(device):
+            raise UsageError(f"patch {name} cannot run on {device}: {reason}")
+
+
 def resolve_weights(model: str, weights: str | None) -> str | None:
-    """None stays None (tiny's shipped weights, which must exist); vit_* default to random; paths get absolute."""
+    """None stays None (tiny's shipped weights, hash-checked); vit_* default to random; "official" is fetched here,
+    once; a checkpoint path must fit the model and is made absolute."""
     if weights is None and model != "tiny":
         _say(f"WARNING: {model} with RANDOM weights (no --weights given): speed only, accuracy vs GT is meaningless")
         return "random"
     if weights is None:
-        if not TINY_WEIGHTS.is_file():
-            raise UsageError(f"the shipped tiny weights are missing ({TINY_WEIGHTS}); pass --weights random or PATH")
+        try:
+            verified_tiny_weights()
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{e}; pass --weights random or PATH") from None
         return None
     if weights == "random":
         return weights
+    if weights == "official":
+        from samrepro import checkpoints
+
+        if model not in checkpoints.CHECKPOINTS:
+            raise UsageError(f"no official checkpoint for {model}; official: {', '.join(checkpoints.CHECKPOINTS)}")
+        weights = str(checkpoints.resolve(model))  # downloaded and verified in the cache
     path = Path(weights)
     if not path.is_file():
-        raise UsageError(f"weights must be 'random' or a checkpoint file; not found: {weights}")
+        why = "a folder" if path.is_dir() else "not found"
+        raise UsageError(f"weights must be 'random', 'official' or a checkpoint file; {why}: {weights}")
+    check_checkpoint(model, path)
     return str(path.resolve())
 
 
+def check_checkpoint(model: str, path: Path) -> None:
+    """The checkpoint must load strictly into `model`; checked from its keys and shapes only."""
+    try:
+        found = checkpoint_shapes(path)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} cannot be read as a state dict ({type(e).__name__})") from None
+    if not isinstance(found, dict):
+        raise UsageError(f"checkpoint {path} is not a SAM state dict: {found}")
+    if not any(k.startswith(SAM_PARTS) for k in found):
+        raise UsageError(f"checkpoint {path} is not a SAM state dict: no key starts with {', '.join(SAM_PARTS)}")
+    if problem := _mismatch(found, _model_shapes(model)):
+        fits = [m for m in MODELS if m != model and not _mismatch(found, _model_shapes(m))]
+        raise UsageError(
+            f"checkpoint {path} does not fit {model}" + (f" (it is {fits[0]}'s)" if fits else "") + f": {problem}"
+        )
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
+    """Key -> shape of a state dict file, without reading tensor data; or what the file holds instead."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = torch.load(path, map_location="meta", weights_only=True)
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"not every value is a tensor (keys: {', '.join(map(str, list(state)[:5]))})"
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@functools.cache
+def _model_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes without memory or init time, even for vit_h
+        return {k: tuple(v.shape) for k, v in build(model).state_dict().items()}
+
+
+def _mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why `found` would not load strictly where `expected` is needed, in one line; None if it would."""
+    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k} {list(found[k])} vs {list(expected[k])} expected")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+    return "; ".join(parts) or None
+
+
 def resolve_data(data: str) -> str:
+    """The data spec with an absolute path; a COCO folder is opened and its first image read, here and now."""
     if data == "synthetic":
         return data
     if data.startswith("coco:"):
-        root = Path(data[len("coco:") :])
+        root = Path(data[len("coco:") :]).expanduser()
         if not root.is_dir():
             raise UsageError(f"COCO folder not found: {root}")
-        return f"coco:{root.resolve()}"
+        spec = f"coco:{root.resolve()}"
+        from samrepro import data as datasets
+
+        try:
+            datasets.load_dataset(spec, 1, cache_dir())
+        except Exception as e:  # the data layer's messages name the file; others get their type
+            why = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
+            raise UsageError(f"COCO data in {root} is unusable: {_first_line(why)}") from None
+        return spec
     raise UsageError(f"unknown data {data!r}; valid: synthetic, coco:DIR")
 
 
@@ -215,7 +351,8 @@ def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResu
         return None
     try:
         old, old_spec = results.read(path), json.loads(spec_path.read_text())
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError) as e:  # e.g. truncated by a crash of an older, non-atomic writer
+        _say(f"WARNING: {path.name} is unreadable ({_first_line(str(e))}); running the step again")
         return None
     if old.plan_hash != spec["plan_hash"] or _key(old_spec) != _key(spec):
         return None
@@ -249,19 +386,26 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult
     started = _now()
     _say(f"step {step.index:02d} {step.name}: {' + '.join(step.patches) or 'fp32 baseline'}")
     tail: deque[str] = deque(maxlen=STDERR_TAIL)
-    with open(folder / "logs" / Path(_filename(step)).with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen(
+    with (
+        open(folder / "logs" / Path(_filename(step)).with_suffix(".log"), "w") as log,
+        subprocess.Popen(
             [*STEP_COMMAND, str(folder / "specs" / _filename(step))],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=os.environ | {"PYTHONUNBUFFERED": "1"},  # progress arrives as it is printed
-        )
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            log.write(line)
-            tail.append(line)
-        code = proc.wait()
+            preexec_fn=functools.partial(_die_with, os.getpid()) if _LIBC else None,
+        ) as proc,
+    ):
+        try:
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                log.write(line)
+                tail.append(line)
+            code = proc.wait()
+        except BaseException:  # interrupted: the step goes too, without a result (a finished one stays)
+            _stop(proc)
+            raise
     if path.is_file():
         return results.read(path)
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -269,6 +413,63 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult
     result.error, result.started_at, result.finished_at = "".join(tail), started, _now()
     results.write(result, folder)
     return result
+
+
+def _die_with(runner_pid: int) -> None:
+    """In the forked step process, before exec: the kernel kills it when the runner dies, kill -9 included.
+
+    preexec_fn is unsafe only with threads holding locks at fork; the runner has none while steps run.
+    """
+    _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != runner_pid:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted, once: later ones are ignored while the step process is stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a KeyboardInterrupt still stops the step process
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, command: str) -> Iterator[None]:
+    """This process's exclusive use of the folder (lock.py); a folder that cannot be written is bad input."""
+    held = lock.FolderLock(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        left = held.acquire(command)
+    except OSError as e:
+        raise UsageError(f"results folder {folder} is not writable ({e})") from None
+    with held:
+        if left:
+            _say(f"WARNING: recovered a stale lock on {folder} from a runner that died ({lock.describe(left)})")
+        for tmp in [*folder.glob(".tmp-*"), *folder.glob("*.tmp"), *folder.glob("specs/*.tmp")]:
+            tmp.unlink()  # a write cut short by a kill; never read as a result
+        yield
 
 
 def _result(step: ResolvedStep, spec: dict[str, Any], **fields: Any) -> StepResult:
@@ -343,6 +544,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
 
 def _say(line: str) -> None:

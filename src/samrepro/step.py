@@ -20,6 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from samrepro import bench, env, results
+from samrepro.kernels import COUNTERS
 from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
 from samrepro.models import fp32_reference_mode, load_model
 from samrepro.patch import Tolerance
@@ -94,7 +95,7 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
     result.latency_ms_p50, result.latency_ms_p90 = out.latency_pct(50), out.latency_pct(90)
     result.peak_mem_mib, result.peak_mem_reserved_mib = out.peak_mem_mib, out.peak_mem_reserved_mib
     result.miou_gt = out.miou_gt
-    result.kernel_paths = {}  # filled once a patch exposes which kernel path ran
+    result.kernel_paths = dict(COUNTERS)  # which hand-written kernel paths ran (triton_attn counts its calls)
 
     if spec["index"] == 0:
         save_baseline(folder / BASELINE, out, {k: spec[k] for k in INPUT_KEYS})
