@@ -114,3 +114,11 @@ def test_report_is_deterministic(tmp_path):
     for name in ("report.md", "throughput.svg", "memory.svg"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert "Date" not in (a / "memory.svg").read_text().split("</metadata>")[0].split("<metadata>")[-1]
+
+
+def test_report_skips_a_corrupt_step_json_with_a_warning(tmp_path, capsys):
+    write_results(tmp_path / "res")
+    (tmp_path / "res" / "step_09_broken.json").write_text('{"model": "tiny", "trunc')
+    text = write_report(tmp_path / "res").read_text()
+    assert "| bf16 | bf16 | ok |" in text
+    assert "skipping unreadable step result" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,5 +97,12 @@ def read(path: Path) -> StepResult:
 
 
 def read_all(folder: Path) -> list[StepResult]:
-    """Every complete StepResult in a folder (temp files are never read), in plan order."""
-    return sorted((read(p) for p in Path(folder).glob("step_*.json")), key=lambda r: r.index)
+    """Every readable StepResult in a folder (temp files are never read), in plan order; an unreadable
+    one is named on stderr and left out, so a report or log of the rest still works."""
+    out = []
+    for path in Path(folder).glob("step_*.json"):
+        try:
+            out.append(read(path))
+        except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
+            print(f"samrepro: warning: skipping unreadable step result {path}: {e}", file=sys.stderr)
+    return sorted(out, key=lambda r: r.index)
