@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -38,6 +39,17 @@ def tiny_ref(device: str):
     weights = None if TINY_WEIGHTS.exists() else "random"
     sam, _ = load_model("tiny", device=device, weights=weights)
     return sam
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    """Seeded random-weight tiny model; tests change deep copies of it (the `sam` fixture)."""
+    return load_model("tiny", weights="random")[0]
+
+
+@pytest.fixture
+def sam(fp32_model):
+    return copy.deepcopy(fp32_model)
 
 
 def make_samples(seed: int, batch_size: int, max_prompts: int, boxes: bool, multi_point: bool) -> list[Sample]:

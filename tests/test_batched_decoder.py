@@ -12,7 +12,6 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 import samrepro.patches.batched_decoder as bd
 from samrepro import gates, workload
 from samrepro.metrics import best_mask, mask_iou
-from samrepro.models import load_model
 from samrepro.patch import Tolerance
 from samrepro.patches import bf16
 from samrepro.registry import apply_patches
@@ -21,16 +20,6 @@ from tests.conftest import make_samples
 
 CPU = torch.device("cpu")
 STACK = ["bf16", "sync_free", "sdpa", "batched_decoder"]
-
-
-@pytest.fixture(scope="module")
-def fp32_model():
-    return load_model("tiny", weights="random")[0]
-
-
-@pytest.fixture
-def sam(fp32_model):
-    return copy.deepcopy(fp32_model)
 
 
 def mixed_batch(seed: int, boxes: bool, multi_point: bool) -> list[Sample]:

@@ -12,22 +12,11 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 import samrepro.patches.bf16 as bf16
 import samrepro.patches.sync_free  # noqa: F401  (registers sync_free for the composition test)
-from samrepro.models import load_model
 from samrepro.registry import apply_patches
 from samrepro.snapshot import global_state, model_state, tensors_equal
 
 POINTS = np.array([[40.0, 50.0], [150.0, 120.0]])  # x, y in original-image pixels
 LABELS = np.array([1, 0])
-
-
-@pytest.fixture(scope="module")
-def fp32_model():
-    return load_model("tiny", weights="random")[0]
-
-
-@pytest.fixture
-def sam(fp32_model):
-    return copy.deepcopy(fp32_model)
 
 
 @pytest.fixture(scope="module")
