@@ -138,7 +138,7 @@ def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]
             r.step,
             ", ".join(r.patches) or "(none)",
             r.status,
-            _num(r.img_s, ".1f"),
+            _num(r.img_s, ".1f" if (r.img_s or 0) >= 10 else ".3g"),  # CPU vit rates are ~0.05 img/s
             _num(speedup, ".2f", "x"),
             _num(r.latency_ms_p50, ".2f"),
             _num(r.latency_ms_p90, ".2f"),
@@ -148,7 +148,7 @@ def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]
             _num(r.miou_agreement, ".4f"),
             _num(r.embedding_sqnr_db, ".1f"),
             "**FAIL**" if r.gate == "fail" else r.gate,
-            ", ".join(f"{k}={v}" for k, v in sorted(r.tolerance.items())),
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.tolerance.items())),
             "; ".join(r.gate_violations),
             ", ".join(f"{k}={v}" for k, v in sorted(r.kernel_paths.items())),
             r.reason or "",
