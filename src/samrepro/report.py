@@ -199,7 +199,7 @@ def _chart(step_results: list[StepResult], metric: str, ylabel: str, title: str,
         xs = range(len(step_results))
         ax.bar(xs, [v or 0.0 for v in values], color=[GATE_COLORS[r.gate] for r in step_results])
         for x, r, v in zip(xs, step_results, values):
-            label = r.status if r.status != "ok" else "n/a" if v is None else f"{v:,.1f}"
+            label = r.status if r.status != "ok" else "n/a" if v is None else f"{v:,.1f}" if v >= 10 else f"{v:.3g}"
             ax.annotate(label, (x, v or 0.0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
         ax.set_xticks(list(xs), [r.step for r in step_results], rotation=30, ha="right")
         ax.set_ylim(0, top * 1.15)
