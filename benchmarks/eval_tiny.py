@@ -1,4 +1,4 @@
-"""Ground-truth mIoU of the shipped tiny model on the held-out synthetic validation split (the runner's protocol).
+"""Ground-truth mIoU of the (shipped) tiny model on the held-out synthetic validation split (the runner's protocol).
 
     python benchmarks/eval_tiny.py --images 500
 """
@@ -17,9 +17,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--data-dir", type=Path, default=Path("results/data"))
+    parser.add_argument("--weights", type=Path, help="a tiny checkpoint (default: the shipped, hash-checked weights)")
     args = parser.parse_args()
     fp32_reference_mode()
-    sam, weights = load_model("tiny")
+    sam, weights = load_model("tiny", weights=args.weights)
     samples, data = load_dataset("synthetic", args.images, args.data_dir)
     preds = []
     for i in range(0, len(samples), args.batch_size):
