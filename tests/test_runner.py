@@ -199,6 +199,25 @@ def test_rerun_resumes_without_running_a_step(e2e, monkeypatch, tmp_path):
     assert [r.to_dict() for r in again.results] == [r.to_dict() for r in outcome.results]
 
 
+def test_changed_weights_file_is_not_resumed(env_vars, monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    from samrepro.models import load_model
+
+    plan, path = tmp_path / "p.toml", tmp_path / "w.safetensors"
+    plan.write_text(E2E_PLAN)
+    for seed in (0, 1):  # same path, new contents: the second run must not keep the first run's steps
+        save_file(
+            {k: v.contiguous() for k, v in load_model("tiny", weights="random", seed=seed)[0].state_dict().items()},
+            path,
+        )
+        calls = fake_step(monkeypatch, tmp_path) if seed else None
+        outcome = runner.run_ablation(
+            "tiny", "cpu", plan=plan, batch_size=2, images=2, weights=str(path), results_dir=tmp_path / "r", track=False
+        )
+    assert calls.exists() and outcome.exit_code == 1  # the fake step ran (and crashed) instead of a resume
+
+
 def test_force_reruns_and_a_crash_is_recorded(e2e, monkeypatch, tmp_path):
     plan, outcome = e2e
     folder = shutil.copytree(outcome.results_dir, tmp_path / "copy")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from samrepro import env, lock, plans, results
-from samrepro.models import MODELS, build, verified_tiny_weights
+from samrepro.models import MODELS, build, sha256, verified_tiny_weights
 from samrepro.plans import Plan, ResolvedStep
 from samrepro.registry import get_patch, list_patches
 from samrepro.results import StepResult
@@ -145,6 +145,7 @@ def run_ablation(
         "images": images,
         "prompts": prompts,
         "weights": weights,
+        "weights_sha256": weights_digest(weights),  # resume reruns steps whose weights file changed
         "data": data,
     }
     with _interruptible(), _locked(folder, command):
@@ -248,6 +249,13 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
         raise UsageError(f"weights must be 'random', 'official' or a checkpoint file; {why}: {weights}")
     check_checkpoint(model, path)
     return str(path.resolve())
+
+
+def weights_digest(weights: str | None) -> str | None:
+    """SHA-256 of the weights file a run uses (None for seeded random weights)."""
+    if weights == "random":
+        return None
+    return sha256(verified_tiny_weights() if weights is None else Path(weights))
 
 
 def check_checkpoint(model: str, path: Path) -> None:

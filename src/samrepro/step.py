@@ -29,7 +29,8 @@ from samrepro.results import StepResult
 from samrepro.workload import Sample
 
 BASELINE = "baseline.pt"
-INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "data")  # what the baseline shares
+# What the baseline step shares with every later step of a run.
+INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "weights_sha256", "data")
 
 
 def main(argv: list[str] | None = None) -> int:
