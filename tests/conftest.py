@@ -24,6 +24,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device the gates run on: cpu or cuda")
 
 
+# The plan.json a runner writes (abridged), for tests of what reads a results folder.
+PLAN_INFO = {
+    "plan": {"name": "blog", "steps": []},  # the runner writes the whole plan
+    "plan_hash": "h1",
+    "mode": "cumulative",
+    "model": "tiny",
+    "device": "cpu",
+    "batch_size": 2,
+    "images": 4,
+    "weights": "random(seed=0)",
+}
+
+
 @pytest.fixture(scope="session")
 def device(request: pytest.FixtureRequest) -> str:
     dev = request.config.getoption("--device")

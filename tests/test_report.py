@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from samrepro import results
 from samrepro.report import write_report
 from samrepro.results import StepResult
+from tests.conftest import PLAN_INFO
 
 ENV = {
     "plan": {"name": "blog", "steps": []},
@@ -65,17 +66,7 @@ def write_results(folder):
     ]
     for r in steps:
         results.write(r, folder)
-    plan = {
-        "plan": {"name": "blog", "steps": []},  # the runner writes the whole plan
-        "plan_hash": "h1",
-        "mode": "cumulative",
-        "model": "tiny",
-        "device": "cpu",
-        "batch_size": 2,
-        "images": 4,
-        "weights": "random(seed=0)",
-        "command": ["samrepro", "ablate", "tiny", "cpu"],
-    }
+    plan = PLAN_INFO | {"command": ["samrepro", "ablate", "tiny", "cpu"]}
     (folder / "plan.json").write_text(json.dumps(plan))
     return steps
 

@@ -21,18 +21,9 @@ from samrepro.tracking import (
     default_tracking_uri,
     log_results_dir,
 )
+from tests.conftest import PLAN_INFO
 
 ENV = {"plan": {"name": "blog", "steps": []}, "torch": "2.11.0", "git": {"commit": "abc123", "dirty": False}}
-PLAN = {
-    "plan": {"name": "blog", "steps": []},  # the runner writes the whole plan
-    "plan_hash": "h1",
-    "mode": "cumulative",
-    "model": "tiny",
-    "device": "cpu",
-    "batch_size": 2,
-    "images": 4,
-    "weights": "random(seed=0)",
-}
 
 
 def step(index, name, patches, **kw):
@@ -58,7 +49,7 @@ def write_results(folder):
         step(4, "int8", ["bf16", "int8_dynamic"], gate="fail", img_s=30.0, changes_weights=True),
     ]:
         results.write(r, folder)
-    (folder / "plan.json").write_text(json.dumps(PLAN))
+    (folder / "plan.json").write_text(json.dumps(PLAN_INFO))
     return folder
 
 
@@ -202,9 +193,9 @@ def test_memory_tracker_replaces_changed_folder(tmp_path):
     res = write_results(tmp_path / "res")
     tracker = MemoryTracker()
     steps = results.read_all(res)
-    first = tracker.log_ablation(res, steps, PLAN, None)
-    assert tracker.log_ablation(res, steps, PLAN, None) == first and len(tracker.runs) == 6
-    second = tracker.log_ablation(res, steps[:3], PLAN, None)
+    first = tracker.log_ablation(res, steps, PLAN_INFO, None)
+    assert tracker.log_ablation(res, steps, PLAN_INFO, None) == first and len(tracker.runs) == 6
+    second = tracker.log_ablation(res, steps[:3], PLAN_INFO, None)
     assert second != first and len(tracker.runs) == 4
     child = next(r for r in tracker.runs if r.spec.name == "01 bf16")
     assert child.parent_id == second and ("img_s", 25.0, 0) in child.spec.metrics

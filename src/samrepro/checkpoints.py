@@ -57,9 +57,13 @@ class ChecksumError(RuntimeError):
     """A complete file does not hash to what its checkpoint entry expects."""
 
 
+def cache_root() -> Path:
+    """samrepro's cache: `$SAMREPRO_CACHE`, else ~/.cache/samrepro (datasets, checkpoints)."""
+    return Path(os.environ.get("SAMREPRO_CACHE") or Path.home() / ".cache" / "samrepro")
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("SAMREPRO_CACHE") or Path.home() / ".cache" / "samrepro"
-    return Path(root) / "checkpoints"
+    return cache_root() / "checkpoints"
 
 
 def resolve(model: str, cache_dir: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,11 @@ class StepResult:
 
     def filename(self) -> str:
         return f"step_{self.index:02d}_{self.step}.json"
+
+
+def utc_now() -> str:
+    """A StepResult timestamp: UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write(result: StepResult, folder: Path) -> Path:

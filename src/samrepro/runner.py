@@ -27,17 +27,17 @@ import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from samrepro import env, lock, plans, results
+from samrepro.checkpoints import cache_root
 from samrepro.models import MODELS, build, sha256, verified_tiny_weights
 from samrepro.plans import Plan, ResolvedStep
 from samrepro.registry import get_patch, list_patches
-from samrepro.results import StepResult
+from samrepro.results import StepResult, utc_now
 from samrepro.step import BASELINE
 
 STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
@@ -88,10 +88,6 @@ def default_results_dir(model: str, device: str, plan: str, mode: str, batch_siz
 
 def default_plan(device: str) -> str:
     return "blog" if device.startswith("cuda") else "cpu"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAMREPRO_CACHE", Path.home() / ".cache" / "samrepro"))
 
 
 def run_ablation(
@@ -174,7 +170,7 @@ def _run_steps(
             "tolerance": step.tolerance,
             "note": step.note,
             "results_dir": str(folder.resolve()),
-            "cache_dir": str(cache_dir()),
+            "cache_dir": str(cache_root()),
             "profile": profile,
         }
         kept = None if force else reusable(folder, step, spec)
@@ -324,7 +320,7 @@ def resolve_data(data: str) -> str:
         from samrepro import data as datasets
 
         try:
-            datasets.load_dataset(spec, 1, cache_dir())
+            datasets.load_dataset(spec, 1, cache_root())
         except Exception as e:  # the data layer's messages name the file; others get their type
             why = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
             raise UsageError(f"COCO data in {root} is unusable: {_first_line(why)}") from None
@@ -372,7 +368,7 @@ def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResu
 
 
 def _skip(step: ResolvedStep, spec: dict[str, Any]) -> StepResult:
-    now = _now()
+    now = utc_now()
     result = _result(step, spec, status="skipped", reason=step.skip_reason, started_at=now, finished_at=now)
     result.env = env.capture(spec["plan"])
     results.write(result, Path(spec["results_dir"]))
@@ -380,7 +376,7 @@ def _skip(step: ResolvedStep, spec: dict[str, Any]) -> StepResult:
 
 
 def _fail(step: ResolvedStep, spec: dict[str, Any], reason: str) -> StepResult:
-    now = _now()
+    now = utc_now()
     result = _result(step, spec, status="failed", reason=reason, started_at=now, finished_at=now)
     results.write(result, Path(spec["results_dir"]))
     return result
@@ -391,7 +387,7 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult
     path = folder / _filename(step)
     path.unlink(missing_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
-    started = _now()
+    started = utc_now()
     _say(f"step {step.index:02d} {step.name}: {' + '.join(step.patches) or 'fp32 baseline'}")
     tail: deque[str] = deque(maxlen=STDERR_TAIL)
     with (
@@ -418,7 +414,7 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult
         return results.read(path)
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     result = _result(step, spec, status="failed", reason=f"step process {why} without writing a result")
-    result.error, result.started_at, result.finished_at = "".join(tail), started, _now()
+    result.error, result.started_at, result.finished_at = "".join(tail), started, utc_now()
     results.write(result, folder)
     return result
 
@@ -560,7 +556,3 @@ def _first_line(text: str) -> str:
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

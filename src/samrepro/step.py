@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
 from samrepro.models import fp32_reference_mode, load_model
 from samrepro.patch import Tolerance
 from samrepro.registry import apply_patches, get_patch, ordered
-from samrepro.results import StepResult
+from samrepro.results import StepResult, utc_now
 from samrepro.workload import Sample
 
 BASELINE = "baseline.pt"
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=spec["mode"],
         configs=spec["configs"],
         reason=spec.get("note"),
-        started_at=_now(),
+        started_at=utc_now(),
     )
     code = 0
     try:
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         result.reason = f"{type(e).__name__}: {e}".splitlines()[0]
         result.error = traceback.format_exc()
         code = 1
-    result.finished_at = _now()
+    result.finished_at = utc_now()
     results.write(result, Path(spec["results_dir"]))
     return code
 
@@ -202,10 +201,6 @@ class Progress:
         self.last = now
         eta = (now - self.start) / done * (total - done)
         print(f"[{self.label}] {done}/{total} images, ETA {eta:.0f}s", file=sys.stderr, flush=True)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":
