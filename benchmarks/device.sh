@@ -2,14 +2,17 @@
 # One lent-GPU call: install the carried wheels, then run PART. Outputs land under $OUT (tarred).
 # Usage (device tool, repo root, carry [".whl"]): bash benchmarks/device.sh PART [args]
 #   env      versions of what is there
-#   train    train the tiny model (args go to samrepro.train)
+#   train    train the tiny model (args go to samrepro.train); weights and report in $OUT/train.tgz
 #   gates    the equivalence gates on cuda
 #   ablate   samrepro ablate ARGS (no tracking; results logged to MLflow afterwards with `samrepro log`)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+if [ ! -e /tmp/site/.done ]; then  # once per machine, so parts can run side by side
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+  touch /tmp/site/.done
+fi
 export PYTHONPATH=/tmp/site:$PWD/src
 part=$1; shift
 case $part in
@@ -18,7 +21,9 @@ case $part in
     python3 -c "import torch,triton,torchvision,torchao,segment_anything as s;print(torch.__version__,triton.__version__,torchvision.__version__,torchao.__version__,torch.cuda.get_device_name())"
     ;;
   train)
-    python3 -m samrepro.train --device cuda --out "$OUT/weights" --report-dir "$OUT/tiny_training" "$@" 2>&1 | tee "$OUT/train.log"
+    python3 -m samrepro.train --device cuda --out /tmp/train/weights --report-dir /tmp/train/tiny_training "$@" 2>&1 \
+      | tee "$OUT/train.log"
+    tar czf "$OUT/train.tgz" -C /tmp/train .
     ;;
   gates)
     python3 -m pytest -q -p no:cacheprovider tests/test_gates.py tests/test_gates_can_fail.py tests/test_sync_free_cuda.py \
