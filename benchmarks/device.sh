@@ -27,7 +27,7 @@ case $part in
     ;;
   gates)
     python3 -m pytest -q -p no:cacheprovider tests/test_gates.py tests/test_gates_can_fail.py tests/test_sync_free_cuda.py \
-      --device cuda "$@" 2>&1 | tee "$OUT/gates.log"
+      --device cuda "$@" 2>&1 | tee -a "$OUT/gates.log"
     ;;
   ablate)
     python3 -m samrepro.cli ablate "$@" --no-track 2>&1 | tee "$OUT/ablate.log"
