@@ -30,8 +30,9 @@ case $part in
       --device cuda "$@" 2>&1 | tee -a "$OUT/gates.log"
     ;;
   ablate)
-    python3 -m samrepro.cli ablate "$@" --no-track 2>&1 | tee "$OUT/ablate.log"
-    tar czf "$OUT/results.tgz" results
+    timeout "${ABLATE_TIMEOUT_S:-100000}" python3 -m samrepro.cli ablate "$@" --no-track 2>&1 | tee "$OUT/ablate.log"
+    # StepResults, specs, logs, report; not the data cache or the fp32 masks (baseline.pt: too big to come back)
+    tar czf "$OUT/results.tgz" --exclude=baseline.pt --exclude=results/data results
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

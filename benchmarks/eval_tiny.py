@@ -1,6 +1,6 @@
 """Ground-truth mIoU of the (shipped) tiny model on the held-out synthetic validation split (the runner's protocol).
 
-    python benchmarks/eval_tiny.py --images 500
+python benchmarks/eval_tiny.py --images 500
 """
 
 import argparse

@@ -180,6 +180,36 @@ def test_patched_tiny_encoder_matches_upstream_and_undoes(interp):
 # --- in this process: no kernel runs -------------------------------------------------------------
 
 
+# SAM's own shapes on the GPU: (batch, heads, kh, kw, head_dim, BLOCK_M, BLOCK_N, dtype), 0 blocks: the table
+GPU_CASES = {
+    "vit_b_global_bs1_bf16": (1, 12, 64, 64, 64, 0, 0, "bfloat16"),
+    "vit_b_window_bs2_bf16": (2 * 25, 12, 14, 14, 64, 0, 0, "bfloat16"),
+    "vit_h_global_bs1_bf16": (1, 16, 64, 64, 80, 0, 0, "bfloat16"),
+    "vit_h_window_bs1_fp16": (25, 16, 14, 14, 80, 0, 0, "float16"),
+    "vit_b_global_bs1_fp32": (1, 2, 64, 64, 64, 0, 0, "float32"),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [*CASES, *GPU_CASES])
+def test_compiled_kernel_matches_reference_on_gpu(device, case):
+    """The real (compiled) kernel on the GPU: the interpreter cases plus SAM's global/window shapes at batch 1."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    from samrepro.kernels import COUNTERS
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    batch, heads, kh, kw, d, bm, bn, dtype = {**CASES, **GPU_CASES}[case]
+    *tensors, scale = inputs(batch, heads, kh, kw, d, dtype)
+    q, k, v, rel_h, rel_w = (t.to(device) for t in tensors)
+    COUNTERS.clear()
+    out = torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, bm, bn)
+    ref = rpa.reference(*(t.double() for t in (q, k, v, rel_h, rel_w)), scale)
+    err = (out.double() - ref).abs().max().item()
+    assert COUNTERS.get(rpa.PATH, 0) == 1, "the kernel ran, no fallback"
+    assert err <= TOL[dtype], f"{case}: max abs error {err:.3g}"
+
+
 def test_patch_is_skipped_on_cpu_with_its_reason():
     patch = samrepro.get_patch("triton_attn")
     assert patch.unavailable_reason("cpu") == "needs device cuda, got cpu"
