@@ -194,6 +194,7 @@ class Patch:
     requires: Requires = Requires()
     changes_weights: bool = False
     touches_encoder: bool = True  # must be applied before `compile` wraps the encoder
+    excludes: tuple[str, ...] = ()  # patches this one cannot be stacked with (each lists the other)
 
     def unavailable_reason(self, device: str | torch.device) -> str | None:
         return self.requires.unmet(device)
@@ -212,6 +213,9 @@ class Patch:
         applied = _APPLIED.setdefault(sam, [])
         if self.name in applied:
             raise PatchError(f"{self.name} is already applied to this model")
+        stacked = [n for n in applied if n in self.excludes]
+        if stacked:
+            raise PatchError(f"{self.name} cannot be stacked on {stacked[0]} (it excludes {', '.join(self.excludes)})")
         if self.touches_encoder and is_compiled(sam.image_encoder):
             raise PatchError(
                 f"{self.name} changes the image encoder, which `compile` has already wrapped: "

@@ -3,6 +3,10 @@
 import samrepro.patches.batched_decoder
 import samrepro.patches.bf16
 import samrepro.patches.compile
+import samrepro.patches.flex_attn
+import samrepro.patches.fp8
+import samrepro.patches.int8_dynamic
 import samrepro.patches.sdpa
+import samrepro.patches.sparse24
 import samrepro.patches.sync_free
 import samrepro.patches.triton_attn  # noqa: F401

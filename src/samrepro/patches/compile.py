@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
-from samrepro.patch import Patch, PatchConfig, Tolerance, Undo
+from samrepro.patch import Patch, PatchConfig, PatchError, Tolerance, Undo
 from samrepro.registry import register_patch
 
 # The knobs the blog's final step sets (torchao SAM tutorial, "general purpose optimizations"), as fields.
@@ -87,13 +88,44 @@ def _scoped_call(call: Callable[..., Any], knobs: dict[str, Any], clone: bool) -
     return scoped  # no functools.wraps: it would copy dynamo's `_torchdynamo_orig_callable` marker
 
 
+# Inductor knobs that patches applied before `compile` need while the encoder compiles (int8_dynamic's int_mm
+# fusion), per encoder; `compile` holds them in the same per-call scope as its own, never globally.
+_REQUESTED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def request_knobs(encoder: nn.Module, knobs: dict[str, Any], undo: Undo) -> None:
+    """Have a later `compile` of `encoder` hold `knobs` inside its calls; undone with the requesting patch."""
+    held = _REQUESTED.setdefault(encoder, {})
+    clash = sorted(k for k, v in knobs.items() if held.get(k, v) != v)
+    if clash:
+        raise PatchError(f"inductor knobs {clash} were already requested with other values: {held}")
+    added = [k for k in knobs if k not in held]
+    held.update(knobs)
+
+    def release() -> None:
+        for k in added:
+            del held[k]
+
+    undo.on_undo(release)
+
+
+def knobs_for(encoder: nn.Module, config: CompileConfig) -> dict[str, Any]:
+    """compile's own knobs plus those requested for `encoder`; a contradiction raises."""
+    own, requested = config.inductor_patch(), _REQUESTED.get(encoder, {})
+    clash = sorted(k for k in requested if k in own and own[k] != requested[k])
+    if clash:
+        raise PatchError(
+            f"compile config sets {clash} to {[own[k] for k in clash]}, an applied patch needs {requested}"
+        )
+    return {**own, **requested}
+
+
 def _apply(sam: nn.Module, config: CompileConfig, undo: Undo) -> None:
     encoder = sam.image_encoder
+    knobs = knobs_for(encoder, config)
     compiled = torch.compile(encoder, mode=config.mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
     # OptimizedModule stores its dynamo-wrapped callable as an instance `forward`; wrap that one.
-    compiled.forward = _scoped_call(
-        compiled.forward, config.inductor_patch(), config.clone_output and config.uses_cudagraphs()
-    )
+    compiled.forward = _scoped_call(compiled.forward, knobs, config.clone_output and config.uses_cudagraphs())
     undo.on_undo(_drop_compiled_state)  # runs after the original encoder is back in place
     undo.setattr(sam, "image_encoder", compiled)
 

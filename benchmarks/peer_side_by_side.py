@@ -1,0 +1,295 @@
+"""Official SAM fp32, segment-anything-fast's fast model and samrepro's best plan, side by side in one process.
+
+Same seeded random weights and workload for all: 1024x1024 seeded noise images, B per encoder batch, then P
+single-point prompts per image through the decoder (multimask_output=True, best of 3 by predicted IoU, threshold 0).
+Prints and writes (JSON) img/s, warm-up (compile) seconds, peak memory and agreement mIoU with the official masks.
+
+GPU run. The device machine has no internet, so SAF travels as a git-ignored shallow clone inside the repo:
+    # here, once (after `fetch github:pytorch-labs/segment-anything-fast`):
+    git clone --depth 1 file:///work/.mirror/pytorch-labs+segment-anything-fast/repo .peer/segment-anything-fast
+    echo /.peer/ >> .git/info/exclude
+    # device tool, carry [".whl", ".peer"]; vit_h the same with --model vit_h, in a call of its own
+    bash benchmarks/device.sh env && PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/peer_side_by_side.py \
+        --model vit_b --saf-dir .peer/segment-anything-fast --compile-mode reduce-overhead --out $OUT/peer_vit_b.json
+
+One process, as the issue asks: SAF's import name is `segment_anything_fast` at every commit, so it cannot clash with
+the official `segment_anything`; `import_checkout` makes sure the checkout runs, not an installed copy, and takes its
+root off sys.path again (it also holds `experiments/`, `test/`, `setup.py`). Between contenders the model is freed
+and dynamo (with its CUDA graphs) reset; the memory still allocated then is recorded.
+Differences that stay, from SAF's own protocol (experiments/eval_combo.py, data.py):
+- SAF gets the image batch and prompt coordinates in bf16 before the clock starts; samrepro's bf16 keeps coords fp32.
+- SAF's nested decoder computes and upsamples 4 masks per prompt; the best of masks 1..3 is kept, as for the others
+  (SAF's benchmark took the best of all 4).
+- SAF's flash_4 kernel autotunes during the warm-up on non-A100 GPUs and pickles its choice into the cwd, so every
+  contender runs in a temporary cwd. SAF's int8 step needs `apply_dynamic_quant`, gone from torchao 0.18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+
+from samrepro import apply_patches, env, get_patch, load_model
+from samrepro.bench import WARMUP_RUNS, Masks, forward, peak_memory, prepare, reset_peak_memory
+from samrepro.metrics import best_mask, mask_iou
+from samrepro.models import fp32_reference_mode
+from samrepro.patch import PatchUnavailable
+from samrepro.workload import Sample
+
+SIDE = 1024
+CONTENDERS = ("official", "saf", "samrepro")  # run in this order: the official masks are the reference
+SAF_PACKAGE = "segment_anything_fast"
+SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
+MIB = 1 << 20
+
+
+def make_samples(images: int, prompts: int, seed: int, side: int = SIDE) -> list[Sample]:
+    """Seeded uint8 noise images (side, side, 3), each with `prompts` single foreground points."""
+    rng, samples = np.random.default_rng(seed), []
+    for i in range(images):
+        image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        points = rng.uniform(0, side, (prompts, 1, 2)).astype(np.float32)  # N, 1, 2: x, y
+        samples.append(Sample(image, points, labels=np.ones((prompts, 1), dtype=np.int64), image_id=i))  # N, 1
+    return samples
+
+
+def import_checkout(root: Path, package: str = SAF_PACKAGE) -> ModuleType:
+    """`package` imported from the checkout at `root`, never from an installed copy; root leaves sys.path after."""
+    root = root.resolve()
+    if not (root / package / "__init__.py").is_file():
+        raise FileNotFoundError(f"{root} has no {package}/__init__.py: pass a segment-anything-fast checkout")
+    module = sys.modules.get(package)
+    if module is None:
+        sys.path.insert(0, str(root))
+        try:
+            module = importlib.import_module(package)
+        finally:
+            sys.path.remove(str(root))
+    origin = Path(module.__file__).resolve()
+    if not origin.is_relative_to(root):
+        raise ImportError(f"{package} was imported from {origin}, not from the checkout {root}")
+    return module
+
+
+def checkout_info(root: Path, package: str = SAF_PACKAGE) -> dict:
+    """The checkout's commit (+ "-dirty"; None without its own .git) and a SHA-256 of its package's .py files."""
+    commit, digest = None, hashlib.sha256()
+    if (root / ".git").exists():  # not the commit of a repository that merely contains the folder
+        git = ["git", "-c", "safe.directory=*", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"]
+        with contextlib.suppress(OSError):
+            out = subprocess.run(git, capture_output=True, text=True)
+            commit = out.stdout.strip() if out.returncode == 0 else None
+    for path in sorted((root / package).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"dir": str(root), "commit": commit, "package_sha256": digest.hexdigest()}
+
+
+def timed(run_batch, batch, device: torch.device) -> tuple[list[torch.Tensor], float]:
+    """run_batch(batch) and its milliseconds: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        return run_batch(batch), (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)  # the host work of this batch is done before the clock starts
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = run_batch(batch)
+    end.record()
+    end.synchronize()
+    return out, start.elapsed_time(end)
+
+
+@torch.no_grad()
+def measure(make_batch, run_batch, samples: list[Sample], args, device: torch.device) -> tuple[dict, list[Masks]]:
+    """Warm up on the first batch (untimed, reported), then time every batch; best masks packed on the host."""
+    source = reset_peak_memory(device)  # right after the model is built: the peak includes its weights
+    chunks = [samples[i : i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    first = make_batch(chunks[0])  # a last partial batch is padded with its first image, which is not decoded
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        run_batch(first)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warmup_s, total_ms, masks = time.perf_counter() - start, 0.0, []
+    for k, chunk in enumerate(chunks):
+        best, ms = timed(run_batch, first if k == 0 else make_batch(chunk), device)
+        total_ms += ms
+        masks += [Masks.pack(b) for b in best]  # N, H, W bool each
+    alloc, reserved = peak_memory(device, source)
+    stats = {"images": len(samples), "timed_s": total_ms / 1e3, "img_s": len(samples) * 1e3 / total_ms}
+    memory = {"peak_mem_mib": alloc, "peak_mem_reserved_mib": reserved, "memory_source": source}
+    return stats | {"warmup_s": warmup_s} | memory, masks
+
+
+def saf_contender(args, device: torch.device, info: dict):
+    """SAF's fast model (its modules, bf16, compiled encoder) on the same weights, driven as eval_combo drives it."""
+    if device.type != "cuda" and int(os.environ.get("SEGMENT_ANYTHING_FAST_USE_FLASH_4", "1")):
+        raise PatchUnavailable(
+            "SAF's bf16 attention calls flash_4, a Triton kernel registered for CUDA only "
+            "(SEGMENT_ANYTHING_FAST_USE_FLASH_4=0 runs its SDPA fallback, which is then not its fast model)"
+        )
+    saf = import_checkout(args.saf_dir)
+    sam = saf.sam_model_registry[args.model]()  # fp32, uncompiled, SAF's modules
+    sam.load_state_dict(load_model(args.model, "cpu", "random", args.seed)[0].state_dict())  # strict: same names
+    builders = importlib.import_module(f"{saf.__name__}.build_sam")  # `saf.build_sam` is a function
+    sam = builders._apply_eval_dtype_sam(sam.to(device), SAF_DTYPE)  # what build_sam_fast_* does, then compile
+    if args.compile_mode != "none":
+        sam.image_encoder = torch.compile(sam.image_encoder, mode=args.compile_mode)
+    info.update(dtype=str(SAF_DTYPE).removeprefix("torch."), compile_mode=args.compile_mode, decoder=args.saf_decoder)
+    predictor, official = saf.SamPredictor(sam), SamPredictor(sam)  # the official one only for the input transform
+
+    def make_batch(chunk):  # SAF's collate: image and coordinates in bf16, jagged prompts, all before the clock
+        batch = prepare(sam, official, chunk, args.batch_size, device)
+        batch.x = batch.x.to(SAF_DTYPE)
+        coords = [p["point_coords"].to(SAF_DTYPE) for p in batch.prompts]  # N, 1, 2 each
+        if args.saf_decoder == "loop":
+            return batch, coords, [p["point_labels"].int() for p in batch.prompts]  # N, 1 each
+        nested = torch.nested.nested_tensor([c[:, 0] for c in coords], layout=torch.jagged)  # n, j, 2
+        ones = torch.ones_like(nested, dtype=torch.int).prod(dim=-1, keepdim=True)  # n, j, 1: SAF's, same raggedness
+        return batch, nested.unsqueeze(2), ones  # n, j, 1, 2
+
+    def run_batch(inputs):
+        batch, coords, labels = inputs
+        features = sam.image_encoder(batch.x)[: batch.real]  # n, C, h, w
+        predictor.reset_image()
+        if args.saf_decoder == "nested":
+            predictor.input_sizes, predictor.original_sizes = batch.input_sizes, batch.original_sizes
+            predictor.features, predictor.is_image_set = features, True
+            masks, iou, _ = predictor.predict_torch(point_coords=coords, point_labels=labels, multimask_output=True)
+            return [best_mask(m[:, 1:], s[:, 1:]) for m, s in zip(masks.unbind(), iou.unbind())]  # 0: single mask
+        out = []
+        for i in range(batch.real):
+            predictor.input_size, predictor.original_size = batch.input_sizes[i], batch.original_sizes[i]
+            predictor.features, predictor.is_image_set = features[i : i + 1], True
+            masks, iou, _ = predictor.predict_torch(coords[i], labels[i], multimask_output=True)  # N, 3, H, W
+            out.append(best_mask(masks, iou))
+        return out
+
+    return make_batch, run_batch
+
+
+def build(name: str, args, device: torch.device, record: dict):
+    """make_batch and run_batch of one contender; its model lives only in them, so it goes when they do."""
+    if name == "saf":
+        return saf_contender(args, device, record)
+    sam, record["weights"] = load_model(args.model, str(device), "random", args.seed)
+    if name == "samrepro":
+        patches, given = args.samrepro_patches, args.samrepro_configs
+        record["patches"] = patches  # and every config field, defaults included:
+        record["configs"] = {n: get_patch(n).config_cls.from_dict(given.get(n, {})).to_dict() for n in patches}
+        apply_patches(sam, patches, given)
+    predictor = SamPredictor(sam)  # the runner's workload (samrepro.bench): predict_torch per image
+    return (
+        lambda chunk: prepare(sam, predictor, chunk, args.batch_size, device),
+        lambda batch: [p.best for p in forward(sam, predictor, batch)[1]],  # N, H, W bool per real image
+    )
+
+
+def run_contender(name: str, samples: list[Sample], args, device: torch.device) -> tuple[dict, list[Masks] | None]:
+    """One contender's record (status ok / skipped / failed with the reason) and its best masks."""
+    record: dict = {"contender": name, "status": "ok", "reason": None}
+    if device.type == "cuda":
+        record["resident_before_mib"] = torch.cuda.memory_allocated(device) / MIB  # left by earlier contenders
+    try:
+        with tempfile.TemporaryDirectory() as cwd, contextlib.chdir(cwd):
+            stats, masks = measure(*build(name, args, device, record), samples, args, device)
+        return record | stats, masks
+    except PatchUnavailable as e:  # cannot run here: the message is the reason
+        return record | {"status": "skipped", "reason": str(e)}, None
+    except Exception as e:  # recorded; the other contenders still run
+        traceback.print_exc()
+        return record | {"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}, None
+    finally:
+        gc.collect()
+        torch._dynamo.reset()  # compiled code and CUDA-graph pools of this contender
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def agreement(ref: list[Masks], masks: list[Masks]) -> float:
+    """Mean IoU over all prompts of best masks against the official fp32 ones."""
+    return torch.cat([mask_iou(r.unpack(), m.unpack()) for r, m in zip(ref, masks, strict=True)]).mean().item()
+
+
+def table(records: list[dict]) -> str:
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["| contender | img/s | ms/img | warm-up s | peak MiB | agreement mIoU | status |", "|---" * 7 + "|"]
+    for r in records:
+        img_s, status = r.get("img_s"), r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        cells = [num(img_s, ".2f"), num(img_s and 1e3 / img_s, ".1f"), num(r.get("warmup_s"), ".1f")]
+        cells += [num(r.get("peak_mem_mib"), ",.0f"), num(r.get("miou_agreement"), ".4f")]
+        lines.append(f"| {r['contender']} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("vit_b", "vit_l", "vit_h"), required=True)
+    p.add_argument("--saf-dir", type=Path, help="segment-anything-fast checkout (needed for the saf contender)")
+    p.add_argument("--out", type=Path, required=True, help="results JSON")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8, help="single-point prompts per image")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="of the weights and the workload")
+    p.add_argument("--warmup", type=int, default=WARMUP_RUNS, help="untimed runs of the first batch")
+    p.add_argument("--samrepro-patches", default="bf16,sync_free,sdpa,compile", help="default: fastest on H100 (#4)")
+    p.add_argument("--samrepro-configs", type=json.loads, default={}, help='JSON, e.g. {"compile": {"mode": "..."}}')
+    modes = ("max-autotune", "reduce-overhead", "default", "none")
+    p.add_argument("--compile-mode", choices=modes, default="max-autotune", help="SAF's and samrepro's encoder")
+    p.add_argument("--saf-decoder", choices=("nested", "loop"), default="nested", help="SAF's NT step, or per image")
+    args = p.parse_args(argv)
+    args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    args.samrepro_patches = [n for n in args.samrepro_patches.split(",") if n]
+    if "samrepro" in args.contenders and "compile" in args.samrepro_patches:
+        if args.compile_mode == "none":
+            p.error("--compile-mode none: drop compile from --samrepro-patches")
+        args.samrepro_configs.setdefault("compile", {}).setdefault("mode", args.compile_mode)
+    if "saf" in args.contenders and args.saf_dir is None:
+        p.error("the saf contender needs --saf-dir")
+    args.out, args.saf_dir = args.out.resolve(), args.saf_dir and args.saf_dir.resolve()  # contenders run elsewhere
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    fp32_reference_mode()  # the official contender is the TF32-off fp32 reference
+    samples = make_samples(args.images, args.prompts, args.seed)
+    workload = {k: getattr(args, k) for k in ("model", "device", "batch_size", "prompts", "images", "seed", "warmup")}
+    workload["inputs"] = f"seeded uint8 noise {SIDE}x{SIDE}, uniform single foreground points; random weights"
+    environment = env.capture() | {"saf": checkout_info(args.saf_dir) if args.saf_dir else None}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    records, ref = [], None
+    for name in args.contenders:
+        print(f"--- {name}", flush=True)
+        record, masks = run_contender(name, samples, args, device)
+        ref = masks if name == "official" else ref
+        if masks is not None and ref is not None:
+            record["miou_agreement"] = agreement(ref, masks)
+        records.append(record)  # written after each contender: a run cut short keeps what it measured
+        args.out.write_text(json.dumps({"workload": workload, "env": environment, "contenders": records}, indent=2))
+    print(table(records))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""benchmarks/peer_side_by_side.py: the checkout loader, the workload and the measuring loop, on the CPU."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from benchmarks import peer_side_by_side as peer
+
+CPU = torch.device("cpu")
+
+
+def fake_checkout(root, package: str, marker: str):
+    """A checkout with `package` (which imports itself absolutely, as SAF does) and a top-level `setup.py`."""
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text(f"from {package}.inner import MARKER\n")
+    (root / package / "inner.py").write_text(f"MARKER = {marker!r}\n")
+    (root / "setup.py").write_text("raise RuntimeError('never imported')\n")
+    return root
+
+
+@pytest.fixture
+def clean_modules():
+    names = ("fake_saf", "fake_saf.inner")
+    yield names
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_import_checkout_loads_from_the_checkout_and_leaves_sys_path(tmp_path, clean_modules):
+    root = fake_checkout(tmp_path / "saf", "fake_saf", "checkout")
+    before = list(sys.path)
+    module = peer.import_checkout(root, "fake_saf")
+    assert module.MARKER == "checkout"
+    assert sys.path == before  # the checkout's own setup.py, experiments/, test/ cannot shadow anything
+    assert peer.import_checkout(root, "fake_saf") is module  # a second call reuses it
+
+
+def test_import_checkout_refuses_a_copy_from_elsewhere(tmp_path, clean_modules):
+    other = fake_checkout(tmp_path / "site", "fake_saf", "installed")
+    peer.import_checkout(other, "fake_saf")  # stands for an installed copy imported earlier
+    with pytest.raises(ImportError, match="not from the checkout"):
+        peer.import_checkout(fake_checkout(tmp_path / "saf", "fake_saf", "checkout"), "fake_saf")
+    with pytest.raises(FileNotFoundError, match="has no fake_saf"):
+        peer.import_checkout(tmp_path / "empty", "fake_saf")
+
+
+def test_checkout_info_fingerprints_the_package(tmp_path):
+    root = fake_checkout(tmp_path / "saf", "fake_saf", "a")
+    first = peer.checkout_info(root, "fake_saf")
+    assert first["commit"] is None  # no .git of its own
+    (root / "fake_saf" / "inner.py").write_text("MARKER = 'b'\n")
+    assert peer.checkout_info(root, "fake_saf")["package_sha256"] != first["package_sha256"]
+
+
+def test_make_samples_is_seeded():
+    a, b = peer.make_samples(2, 8, seed=3, side=64), peer.make_samples(2, 8, seed=3, side=64)
+    assert a[0].image.shape == (64, 64, 3) and a[0].image.dtype == np.uint8
+    assert a[1].points.shape == (8, 1, 2) and a[1].labels.shape == (8, 1) and (a[1].points < 64).all()
+    assert all(np.array_equal(x.image, y.image) and np.array_equal(x.points, y.points) for x, y in zip(a, b))
+    assert not np.array_equal(a[0].image, peer.make_samples(1, 8, seed=4, side=64)[0].image)
+
+
+def test_parse_args_scopes_the_compile_mode():
+    args = peer.parse_args(["--model", "vit_b", "--out", "x.json", "--contenders", "samrepro,official"])
+    assert args.contenders == ["official", "samrepro"]  # the reference runs first
+    assert args.samrepro_configs == {"compile": {"mode": "max-autotune"}}
+    args = peer.parse_args(
+        ["--model", "vit_b", "--out", "x.json", "--contenders", "official", "--compile-mode", "reduce-overhead"]
+        + ["--samrepro-configs", '{"compile": {"mode": "default"}}']
+    )
+    assert args.samrepro_configs == {"compile": {"mode": "default"}}  # an explicit config wins
+    args = peer.parse_args(["--model", "vit_b", "--out", "x", "--contenders", "official", "--compile-mode", "none"])
+    assert args.samrepro_configs == {}  # samrepro does not run: its compile patch is not configured
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--model", "vit_b", "--out", "x.json"])  # saf without --saf-dir
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--model", "vit_b", "--out", "x.json", "--contenders", "samrepro", "--compile-mode", "none"])
+
+
+def test_contenders_on_tiny(monkeypatch):
+    """The whole loop on the tiny model: the reference agrees with itself, bf16 nearly, SAF is skipped on CPU."""
+    monkeypatch.delenv("SEGMENT_ANYTHING_FAST_USE_FLASH_4", raising=False)
+    args = peer.parse_args(
+        ["--model", "vit_b", "--out", "x.json", "--device", "cpu", "--saf-dir", ".", "--batch-size", "2"]
+        + ["--warmup", "1", "--samrepro-patches", "bf16"]
+    )
+    args.model = "tiny"
+    samples = peer.make_samples(3, 2, seed=0, side=256)
+    ref_record, ref = peer.run_contender("official", samples, args, CPU)
+    record, masks = peer.run_contender("samrepro", samples, args, CPU)
+    assert ref_record["status"] == record["status"] == "ok" and record["patches"] == ["bf16"]
+    assert record["configs"]["bf16"]["coords_fp32"] is True  # every field recorded, defaults included
+    assert ref_record["images"] == 3 and len(ref) == 3 and ref[0].shape == (2, 256, 256)
+    assert peer.agreement(ref, ref) == 1.0 and 0.5 < peer.agreement(ref, masks) <= 1.0
+    saf, none = peer.run_contender("saf", samples, args, CPU)
+    assert saf["status"] == "skipped" and "CUDA only" in saf["reason"] and none is None
+    text = peer.table([ref_record | {"miou_agreement": 1.0}, saf])
+    assert "| official |" in text and "| saf | – |" in text
