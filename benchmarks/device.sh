@@ -4,6 +4,8 @@
 #   env      versions of what is there
 #   train    train the tiny model (args go to samrepro.train); weights and report in $OUT/train.tgz
 #   gates    the equivalence gates on cuda
+#   attn     benchmarks/attn_bench.py ARGS (attention kernels at SAM's shapes)
+#   peer     benchmarks/peer_side_by_side.py ARGS (official vs segment-anything-fast vs samrepro)
 #   ablate   samrepro ablate ARGS (no tracking; results logged to MLflow afterwards with `samrepro log`)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -33,6 +35,13 @@ case $part in
     timeout "${ABLATE_TIMEOUT_S:-100000}" python3 -m samrepro.cli ablate "$@" --no-track 2>&1 | tee "$OUT/ablate.log"
     # StepResults, specs, logs, report; not the data cache or the fp32 masks (baseline.pt: too big to come back)
     tar czf "$OUT/results.tgz" --exclude=baseline.pt --exclude=results/data results
+    ;;
+  attn)
+    python3 benchmarks/attn_bench.py --out "$OUT/attn_bench.json" "$@" 2>&1 | tee "$OUT/attn_bench.log"
+    ;;
+  peer)  # needs the segment-anything-fast checkout in .peer/ (carried); see benchmarks/peer_side_by_side.py
+    python3 benchmarks/peer_side_by_side.py --saf-dir .peer/segment-anything-fast --out "$OUT/peer.json" "$@" 2>&1 \
+      | tee "$OUT/peer.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -13,7 +13,10 @@ import samrepro
 from samrepro.patch import PatchConfig, PatchError, PatchUnavailable, Requires, Tolerance
 from samrepro.registry import PATCH_ORDER, apply_patches, get_patch, list_patches, ordered, register_patch
 
-EXPECTED = {"bf16", "sync_free", "compile", "sdpa", "triton_attn", "batched_decoder"}
+EXPECTED = {
+    *("bf16", "sync_free", "compile", "sdpa", "triton_attn", "batched_decoder"),
+    *("int8_dynamic", "fp8", "sparse24", "flex_attn"),
+}
 
 
 def test_registry_lists_the_issue_patches_with_tolerances():

@@ -86,5 +86,6 @@ PATCH = register_patch(
             agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05
         ),
         requires=Requires(devices=("cuda",), min_capability=(8, 0), packages=("triton",)),
+        excludes=("flex_attn",),  # both replace the encoder attention
     )
 )
