@@ -125,3 +125,16 @@ def test_cuda_int8_matches_cpu_int8(fp32_model):
     with PATCH.apply(cpu), PATCH.apply(gpu), torch.no_grad():
         a, b = cpu.image_encoder(X), gpu.image_encoder(X.cuda()).cpu()
     assert ((a - b).norm() / a.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("name, multiple", [("int8_dynamic", 8), ("fp8", 16)])
+def test_linears_of_unfit_dims_are_refused_not_skipped(name, multiple):
+    """torchao would leave such a layer unquantized (or move int8's matmul to the CPU) without a word."""
+    from types import SimpleNamespace
+
+    from samrepro.patch import Undo
+
+    patch = get_patch(name)
+    encoder = nn.Sequential(nn.Linear(multiple, multiple), nn.Linear(multiple, multiple + 4))
+    with pytest.raises(PatchError, match=rf"multiples of {multiple} .*\['1 \({multiple + 4}, {multiple}\)'\]"):
+        patch.apply_fn(SimpleNamespace(image_encoder=encoder), patch.config_cls(), Undo())

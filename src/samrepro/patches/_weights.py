@@ -19,6 +19,14 @@ def encoder_linears(sam: Sam) -> dict[str, nn.Linear]:
     return {n: m for n, m in sam.image_encoder.named_modules() if isinstance(m, nn.Linear)}
 
 
+def require_multiples(linears: dict[str, nn.Linear], multiple: int, patch: str, op: str) -> None:
+    """Refuse Linears whose in/out features are not multiples of `multiple`, as `op` needs."""
+    fits = {n: m.in_features % multiple == 0 and m.out_features % multiple == 0 for n, m in linears.items()}
+    unfit = [f"{n} {tuple(m.weight.shape)}" for n, m in linears.items() if not fits[n]]
+    if unfit:
+        raise PatchError(f"{patch}: Linear dims must be multiples of {multiple} for {op}, not {unfit}")
+
+
 def quantize_reversibly(linears: dict[str, nn.Linear], ao_config, patch: str, undo: Undo) -> None:
     """torchao `quantize_` on each Linear; first records what it rebinds (the weight Parameter, the instance
     `extra_repr`), and raises if it left a weight unquantized (torchao skips shapes it cannot take silently).

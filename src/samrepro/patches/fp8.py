@@ -17,7 +17,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly
+from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly, require_multiples
 from samrepro.patches.bf16 import park_on_host
 from samrepro.registry import register_patch
 
@@ -49,18 +49,11 @@ def hold_bf16(linear: nn.Linear, undo: Undo) -> None:
     park_on_host(originals, undo)
 
 
-def fp8_fits(linear: nn.Linear) -> bool:
-    """`_scaled_mm` needs both dims multiples of 16; torchao leaves other layers unquantized without a word."""
-    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-
-
 def _apply(sam: Sam, config: Fp8Config, undo: Undo) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8MMConfig, PerRow
 
     linears = encoder_linears(sam)
-    unfit = [f"{n} {tuple(m.weight.shape)}" for n, m in linears.items() if not fp8_fits(m)]
-    if unfit:
-        raise PatchError(f"fp8: Linear dims must be multiples of 16 for torch._scaled_mm, not {unfit}")
+    require_multiples(linears, 16, "fp8", "torch._scaled_mm")  # torchao leaves other layers unquantized silently
     for linear in linears.values():
         if linear.weight.dtype == torch.float32:
             hold_bf16(linear, undo)

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from segment_anything.modeling import Sam
-from torch import nn
 
-from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly
+from samrepro.patch import Patch, PatchConfig, Requires, Tolerance, Undo
+from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly, require_multiples
 from samrepro.patches.compile import request_knobs
 from samrepro.registry import register_patch
 
@@ -35,18 +34,12 @@ class Int8DynamicConfig(PatchConfig):
             raise ValueError(f"fuse_int_mm_with_mul must be a bool, got {self.fuse_int_mm_with_mul!r}")
 
 
-def int8_fits(linear: nn.Linear) -> bool:
-    """Both dims multiples of 8: else torchao's `safe_int_mm` quietly moves the CUDA matmul to the CPU in int32."""
-    return linear.in_features % 8 == 0 and linear.out_features % 8 == 0
-
-
 def _apply(sam: Sam, config: Int8DynamicConfig, undo: Undo) -> None:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
     linears = encoder_linears(sam)
-    unfit = [f"{n} {tuple(m.weight.shape)}" for n, m in linears.items() if not int8_fits(m)]
-    if unfit:
-        raise PatchError(f"int8_dynamic: Linear dims must be multiples of 8 for torch._int_mm, not {unfit}")
+    # else torchao's `safe_int_mm` quietly moves the CUDA matmul to the CPU in int32
+    require_multiples(linears, 8, "int8_dynamic", "torch._int_mm")
     ao_config = Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)  # defaults: PerRow, symmetric
     quantize_reversibly(linears, ao_config, "int8_dynamic", undo)
     if config.fuse_int_mm_with_mul:
