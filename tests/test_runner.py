@@ -68,15 +68,17 @@ def test_bench_pads_the_last_batch_but_counts_real_images(tiny):
         tiny.mask_decoder.register_forward_pre_hook(lambda m, args: decoder_calls.append(1)),
     ]
     try:
-        out = bench.run(tiny, samples, batch_size=2, clock=itertools.count().__next__)  # every interval is 1 "s"
+        out = bench.run(tiny, samples, batch_size=2, clock=itertools.count().__next__)  # each clock() is 1 "s" on
     finally:
         for h in hooks:
             h.remove()
     assert encoder_batches == [2] * (bench.WARMUP_RUNS + 2)  # the last batch (1 image) is padded to 2
     assert len(decoder_calls) == bench.WARMUP_RUNS * 2 + 3  # padding is encoded, never decoded
-    assert out.images == 3 and out.prompts == 6 and out.timed_s == 2
-    assert out.img_s == 1.5  # 3 real images over 2 timed batches, not 4
-    assert out.latency_ms == [500.0, 500.0, 1000.0]  # batch time / real images in it
+    # per batch: clock at start, before and after the encoder, at the end: 3 "s" timed, of which 1 is the encoder
+    assert out.images == 3 and out.prompts == 6 and out.timed_s == 6 and out.encoder_s == 2
+    assert out.img_s == 0.5  # 3 real images over 2 timed batches, not 4
+    assert out.latency_ms == [1500.0, 1500.0, 3000.0]  # batch time / real images in it
+    assert out.encoder_ms == 2e3 / 3
     assert [m.shape for m in out.best_masks] == [(2, 120, 160), (1, 100, 90), (3, 140, 120)]
     assert out.embeddings.shape[0] == 2 and out.embeddings.dtype == torch.float32
     assert 0.0 <= out.miou_gt <= 1.0 and out.peak_mem_mib > 0
@@ -160,6 +162,7 @@ def test_e2e_results(e2e):
     assert "no_such_patch not registered" in ghost.reason and ghost.gate == "skipped"
     for r in (base, sync):
         assert r.images == 2 and r.img_s > 0 and r.latency_ms_p90 >= r.latency_ms_p50 > 0
+        assert 0 < r.encoder_ms < r.latency_ms_p90
         assert r.peak_mem_mib > 0 and r.compile_s >= 0 and r.weights == "random(seed=0)"
         assert r.env["versions"]["torch"] == torch.__version__ and r.env["plan_hash"] == r.plan_hash
         assert (folder / "traces" / f"step_{r.index:02d}_{r.step}.trace.json").is_file()

@@ -61,6 +61,7 @@ class BenchResult:
     images: int  # real images, timed
     prompts: int
     timed_s: float
+    encoder_s: float  # the image encoder's part of timed_s (padded images included, as they are encoded)
     compile_s: float  # the untimed warm-up runs of the first batch
     latency_ms: list[float]  # per real image: its batch's time / real images in it
     peak_mem_mib: float | None
@@ -75,6 +76,11 @@ class BenchResult:
     def img_s(self) -> float:
         return self.images / self.timed_s if self.timed_s > 0 else float("inf")
 
+    @property
+    def encoder_ms(self) -> float:
+        """Encoder milliseconds per real image."""
+        return self.encoder_s * 1e3 / self.images
+
     def latency_pct(self, q: float) -> float:
         return float(np.percentile(self.latency_ms, q))
 
@@ -88,11 +94,35 @@ def prepare(sam: Sam, predictor: SamPredictor, chunk: list[Sample], batch_size: 
     return Batch(x, len(chunk), input_sizes[: len(chunk)], original_sizes[: len(chunk)], prompts, gt)
 
 
+class EncoderSplit:
+    """Where the encoder ends inside a timed batch: CUDA events on a GPU (no added sync), else the clock."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
+        self.cuda, self.clock = device.type == "cuda", clock
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def mark(self, i: int) -> None:
+        """0 before the encoder, 1 after it."""
+        if self.cuda:
+            self.events[i].record()
+        else:
+            setattr(self, f"t{i}", self.clock())
+
+    def seconds(self) -> float:
+        """After the batch's sync: the encoder's seconds."""
+        return self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else self.t1 - self.t0
+
+
 def forward(
-    sam: Sam, predictor: SamPredictor, batch: Batch
+    sam: Sam, predictor: SamPredictor, batch: Batch, split: EncoderSplit | None = None
 ) -> tuple[torch.Tensor, list[Prediction | None], list[torch.Tensor]]:
     """The timed work: encoder on the batch, predict_torch per real image, IoU against ground truth."""
+    if split:
+        split.mark(0)
     features = sam.image_encoder(batch.x)  # B, C, h, w
+    if split:
+        split.mark(1)
     if hasattr(sam, "predict_batch"):  # batched_decoder: all real images' prompts in one decoder call
         outs = sam.predict_batch(features, batch.prompts, batch.input_sizes, batch.original_sizes)
         preds = [None if o is None else prediction(*o) for o in outs]
@@ -133,16 +163,18 @@ def run(
     if progress:
         progress(0, len(samples))
 
-    timed_s, latency_ms, best, iou_preds, gt_ious = 0.0, [], [], [], []
+    timed_s, encoder_s, latency_ms, best, iou_preds, gt_ious = 0.0, 0.0, [], [], [], []
+    split = EncoderSplit(device, clock)
     embeddings = None
     for k, chunk in enumerate(chunks):
         batch = first if k == 0 else prepare(sam, predictor, chunk, batch_size, device)
         _sync(device)
         start = clock()
-        features, preds, ious = forward(sam, predictor, batch)
+        features, preds, ious = forward(sam, predictor, batch, split)
         _sync(device)
         seconds = clock() - start
         timed_s += seconds
+        encoder_s += split.seconds()
         latency_ms += [seconds * 1e3 / batch.real] * batch.real
         if k == 0:
             embeddings = features[: batch.real].float().cpu()
@@ -161,6 +193,7 @@ def run(
         images=len(samples),
         prompts=sum(s.num_prompts for s in samples),
         timed_s=timed_s,
+        encoder_s=encoder_s,
         compile_s=compile_s,
         latency_ms=latency_ms,
         peak_mem_mib=alloc,

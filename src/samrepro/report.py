@@ -128,12 +128,14 @@ def _heading(plan: dict[str, Any]) -> str:
 
 def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]:
     head = (
-        "step | patches | status | img/s | speed-up | p50 ms | p90 ms | peak MiB | compile s | mIoU GT | "
+        "step | patches | status | img/s | speed-up | p50 ms | p90 ms | encoder ms | encoder speed-up | peak MiB | "
+        "compile s | mIoU GT | "
         "agreement mIoU | SQNR dB | gate | tolerance | violations | kernel paths | reason"
     ).split(" | ")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in step_results:
         speedup = r.img_s / base.img_s if base and base.img_s and r.img_s is not None else None
+        enc_speedup = base.encoder_ms / r.encoder_ms if base and base.encoder_ms and r.encoder_ms else None
         cells = [
             r.step,
             ", ".join(r.patches) or "(none)",
@@ -142,6 +144,8 @@ def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]
             _num(speedup, ".2f", "x"),
             _num(r.latency_ms_p50, ".2f"),
             _num(r.latency_ms_p90, ".2f"),
+            _num(r.encoder_ms, ".2f"),
+            _num(enc_speedup, ".2f", "x"),
             _num(r.peak_mem_mib, ".0f"),
             _num(r.compile_s, ".1f"),
             _num(r.miou_gt, ".4f"),

@@ -40,6 +40,7 @@ class StepResult:
     img_s: float | None = None
     latency_ms_p50: float | None = None  # per image
     latency_ms_p90: float | None = None
+    encoder_ms: float | None = None  # image encoder time per image (its batch's encoder time / real images)
     peak_mem_mib: float | None = None  # CUDA max allocated, or CPU peak RSS
     peak_mem_reserved_mib: float | None = None  # CUDA only
     compile_s: float | None = None  # warm-up (compile) seconds, not timed

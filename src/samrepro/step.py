@@ -93,6 +93,7 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
     result.images, result.prompts_per_image = out.images, out.prompts / out.images
     result.img_s, result.compile_s = out.img_s, out.compile_s
     result.latency_ms_p50, result.latency_ms_p90 = out.latency_pct(50), out.latency_pct(90)
+    result.encoder_ms = out.encoder_ms
     result.peak_mem_mib, result.peak_mem_reserved_mib = out.peak_mem_mib, out.peak_mem_reserved_mib
     result.miou_gt = out.miou_gt
     result.kernel_paths = dict(COUNTERS)  # which hand-written kernel paths ran (triton_attn counts its calls)

@@ -41,6 +41,7 @@ METRICS = (
     "img_s",
     "latency_ms_p50",
     "latency_ms_p90",
+    "encoder_ms",
     "peak_mem_mib",
     "peak_mem_reserved_mib",
     "compile_s",
