@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.sparse import SparseSemiStructuredTensor
 
+import samrepro.patches.sparse24 as sparse24
+from samrepro.data import load_dataset
+from samrepro.gates import accuracy_violations, patches_for
 from samrepro.kernels import COUNTERS
 from samrepro.patch import PatchError, PatchUnavailable
 from samrepro.patches._weights import encoder_linears
@@ -146,3 +149,19 @@ def test_cuda_fp32_auto_is_masked_and_cutlass_needs_sm8x(fp32_model):
     if torch.cuda.get_device_capability()[0] != 8:
         with pytest.raises(PatchUnavailable, match="sm8x only"):
             PATCH.apply(sam, Sparse24Config(kernel="cutlass"))
+
+
+def keep_smallest(weight: torch.Tensor) -> torch.Tensor:
+    """A wrong pruning rule: the 2 smallest |w| of every 4 kept."""
+    return weight - prune_2_4(weight)  # the complement of the magnitude rule
+
+
+def test_wide_tolerance_still_fails_a_wrong_pruning_rule(tiny_ref, monkeypatch, tmp_path):
+    """Wide bounds (pruning without retraining costs accuracy), but not so wide that any 2:4 pattern passes."""
+    samples, _ = load_dataset("synthetic", 16, tmp_path)
+    violations, measured = accuracy_violations(tiny_ref, patches_for(["sparse24"]), samples, batch_size=8)
+    assert violations == [], measured
+    monkeypatch.setattr(sparse24, "prune_2_4", keep_smallest)
+    violations, measured = accuracy_violations(tiny_ref, patches_for(["sparse24"]), samples, batch_size=8)
+    failed = {v.split(" ")[0] for v in violations}
+    assert {"miou_agreement", "miou_gt_drop", "embedding_sqnr_db"} <= failed, measured
