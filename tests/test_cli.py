@@ -28,7 +28,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         (["ablate", "tiny", "tpu", "--weights", "random"], "unknown device 'tpu'; valid: cpu, cuda"),
         (["ablate", "tiny", "cpu", "--images", "0"], "expected a positive integer, got 0"),
         (["ablate", "tiny", "cpu", "--batch-size", "-2"], "expected a positive integer, got -2"),
-        (["ablate", "tiny", "cpu", "--plan", "nope", "--weights", "random"], "unknown plan 'nope'; valid: blog, cpu"),
+        (
+            ["ablate", "tiny", "cpu", "--plan", "nope", "--weights", "random"],
+            "unknown plan 'nope'; valid: blog, blog-ro, cpu",
+        ),
         (["ablate", "tiny", "cpu", "--mode", "sideways"], "invalid choice: 'sideways'"),
         (["ablate", "tiny", "cpu", "--weights", "/no/such.pth"], "not found: /no/such.pth"),
         (["ablate", "tiny", "cpu", "--weights", "random", "--data", "imagenet"], "valid: synthetic, coco:DIR"),
