@@ -42,7 +42,7 @@ def in_tmp(tmp_path, monkeypatch):
     [
         (["ablate", "vit_x", "cpu"], "invalid choice: 'vit_x' (choose from 'tiny', 'vit_b', 'vit_l', 'vit_h')"),
         (["ablate", "tiny", "npu", "--weights", "random"], "unknown device 'npu'; valid: cpu, cuda (or cuda:N)"),
-        ([*ABLATE, "--plan", "nope"], "unknown plan 'nope'; valid: blog, blog-ro, cpu"),
+        ([*ABLATE, "--plan", "nope"], f"unknown plan 'nope'; valid: {', '.join(plans.available_plans())}"),
         ([*ABLATE, "--patches", "sync_free,warp"], "unknown patch 'warp'; valid: {valid}"),
         ([*ABLATE, "--patches", "sdpa,sdpa"], "patch 'sdpa' is listed twice"),
         ([*ABLATE, "--patches", ","], "no patch names given; valid: {valid}"),

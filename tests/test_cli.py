@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from samrepro import cli
+from samrepro import cli, plans
 from samrepro.models import TINY_WEIGHTS
 
 
@@ -30,7 +30,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
         (["ablate", "tiny", "cpu", "--batch-size", "-2"], "expected a positive integer, got -2"),
         (
             ["ablate", "tiny", "cpu", "--plan", "nope", "--weights", "random"],
-            "unknown plan 'nope'; valid: blog, blog-ro, cpu",
+            f"unknown plan 'nope'; valid: {', '.join(plans.available_plans())}",
         ),
         (["ablate", "tiny", "cpu", "--mode", "sideways"], "invalid choice: 'sideways'"),
         (["ablate", "tiny", "cpu", "--weights", "/no/such.pth"], "not found: /no/such.pth"),
