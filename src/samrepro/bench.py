@@ -99,19 +99,19 @@ class EncoderSplit:
 
     def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
         self.cuda, self.clock = device.type == "cuda", clock
-        if self.cuda:
-            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        self.marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else [0.0, 0.0]
 
     def mark(self, i: int) -> None:
         """0 before the encoder, 1 after it."""
         if self.cuda:
-            self.events[i].record()
+            self.marks[i].record()
         else:
-            setattr(self, f"t{i}", self.clock())
+            self.marks[i] = self.clock()
 
     def seconds(self) -> float:
         """After the batch's sync: the encoder's seconds."""
-        return self.events[0].elapsed_time(self.events[1]) / 1e3 if self.cuda else self.t1 - self.t0
+        start, end = self.marks
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
 
 def forward(
