@@ -34,7 +34,8 @@ case $part in
   ablate)
     timeout "${ABLATE_TIMEOUT_S:-100000}" python3 -m samrepro.cli ablate "$@" --no-track 2>&1 | tee "$OUT/ablate.log"
     # StepResults, specs, logs, report; not the data cache or the fp32 masks (baseline.pt: too big to come back)
-    tar czf "$OUT/results.tgz" --exclude=baseline.pt --exclude=results/data results
+    # nor CUDA memory snapshots (tens of MiB each; the return limit is 16 MiB per file)
+    tar czf "$OUT/results.tgz" --exclude=baseline.pt --exclude=results/data --exclude='*.memory.pickle' results
     ;;
   attn)
     python3 benchmarks/attn_bench.py --out "$OUT/attn_bench.json" "$@" 2>&1 | tee "$OUT/attn_bench.log"

@@ -41,32 +41,21 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import torch
 from segment_anything import SamPredictor
 
 from samrepro import apply_patches, env, get_patch, load_model
 from samrepro.bench import WARMUP_RUNS, Masks, forward, peak_memory, prepare, reset_peak_memory
+from samrepro.data import SIDE, noise_samples
 from samrepro.metrics import best_mask, mask_iou
 from samrepro.models import fp32_reference_mode
 from samrepro.patch import PatchUnavailable
 from samrepro.workload import Sample
 
-SIDE = 1024
 CONTENDERS = ("official", "saf", "samrepro")  # run in this order: the official masks are the reference
 SAF_PACKAGE = "segment_anything_fast"
 SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 MIB = 1 << 20
-
-
-def make_samples(images: int, prompts: int, seed: int, side: int = SIDE) -> list[Sample]:
-    """Seeded uint8 noise images (side, side, 3), each with `prompts` single foreground points."""
-    rng, samples = np.random.default_rng(seed), []
-    for i in range(images):
-        image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-        points = rng.uniform(0, side, (prompts, 1, 2)).astype(np.float32)  # N, 1, 2: x, y
-        samples.append(Sample(image, points, labels=np.ones((prompts, 1), dtype=np.int64), image_id=i))  # N, 1
-    return samples
 
 
 def import_checkout(root: Path, package: str = SAF_PACKAGE) -> ModuleType:
@@ -273,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     fp32_reference_mode()  # the official contender is the TF32-off fp32 reference
-    samples = make_samples(args.images, args.prompts, args.seed)
+    samples = noise_samples(args.images, args.prompts, args.seed)
     workload = {k: getattr(args, k) for k in ("model", "device", "batch_size", "prompts", "images", "seed", "warmup")}
     workload["inputs"] = f"seeded uint8 noise {SIDE}x{SIDE}, uniform single foreground points; random weights"
     environment = env.capture() | {"saf": checkout_info(args.saf_dir) if args.saf_dir else None}

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from samrepro.data import center_point, load_coco, load_dataset, write_coco
+from samrepro.data import center_point, load_coco, load_dataset, noise_samples, write_coco
 from samrepro.data.synthetic import SIDE, SPLITS, image_rng, make_image
 
 
@@ -197,4 +197,23 @@ def test_load_dataset(tiny_coco, tmp_path):
     assert label == "coco:val2017(n=1)" and [s.image_id for s in samples] == [2]
     for spec in ("imagenet", "coco:"):
         with pytest.raises(ValueError, match="synthetic, coco:DIR"):
+            load_dataset(spec, 1, tmp_path)
+
+
+def test_noise_samples_are_seeded():
+    a, b = noise_samples(2, 8, seed=3, side=64), noise_samples(2, 8, seed=3, side=64)
+    assert a[0].image.shape == (64, 64, 3) and a[0].image.dtype == np.uint8 and a[0].gt_masks is None
+    assert a[1].points.shape == (8, 1, 2) and a[1].labels.shape == (8, 1) and (a[1].points < 64).all()
+    assert all(np.array_equal(x.image, y.image) and np.array_equal(x.points, y.points) for x, y in zip(a, b))
+    assert not np.array_equal(a[0].image, noise_samples(1, 8, seed=4, side=64)[0].image)
+
+
+def test_load_dataset_noise(tmp_path):
+    samples, label = load_dataset("noise", 2, tmp_path)
+    assert len(samples) == 2 and samples[0].image.shape == (1024, 1024, 3) and samples[0].num_prompts == 8
+    assert "8 points/image" in label
+    samples, label = load_dataset("noise:64", 1, tmp_path)
+    assert samples[0].num_prompts == 64 and "64 points/image" in label
+    for spec in ("noise:0", "noise:x", "noise:"):
+        with pytest.raises(ValueError, match="noise:P"):
             load_dataset(spec, 1, tmp_path)

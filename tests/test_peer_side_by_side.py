@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 from benchmarks import peer_side_by_side as peer
+
+from samrepro.data import noise_samples
 
 CPU = torch.device("cpu")
 
@@ -55,14 +56,6 @@ def test_checkout_info_fingerprints_the_package(tmp_path):
     assert peer.checkout_info(root, "fake_saf")["package_sha256"] != first["package_sha256"]
 
 
-def test_make_samples_is_seeded():
-    a, b = peer.make_samples(2, 8, seed=3, side=64), peer.make_samples(2, 8, seed=3, side=64)
-    assert a[0].image.shape == (64, 64, 3) and a[0].image.dtype == np.uint8
-    assert a[1].points.shape == (8, 1, 2) and a[1].labels.shape == (8, 1) and (a[1].points < 64).all()
-    assert all(np.array_equal(x.image, y.image) and np.array_equal(x.points, y.points) for x, y in zip(a, b))
-    assert not np.array_equal(a[0].image, peer.make_samples(1, 8, seed=4, side=64)[0].image)
-
-
 def test_parse_args_scopes_the_compile_mode():
     args = peer.parse_args(["--model", "vit_b", "--out", "x.json", "--contenders", "samrepro,official"])
     assert args.contenders == ["official", "samrepro"]  # the reference runs first
@@ -88,7 +81,7 @@ def test_contenders_on_tiny(monkeypatch):
         + ["--warmup", "1", "--samrepro-patches", "bf16"]
     )
     args.model = "tiny"
-    samples = peer.make_samples(3, 2, seed=0, side=256)
+    samples = noise_samples(3, 2, seed=0, side=256)
     ref_record, ref = peer.run_contender("official", samples, args, CPU)
     record, masks = peer.run_contender("samrepro", samples, args, CPU)
     assert ref_record["status"] == record["status"] == "ok" and record["patches"] == ["bf16"]

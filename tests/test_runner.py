@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import math
@@ -89,10 +90,11 @@ def test_masks_pack_roundtrip():
     assert torch.equal(bench.Masks.pack(masks).unpack(), masks)
 
 
-def test_profile_writes_a_chrome_trace(tiny, tmp_path):
+def test_profile_writes_a_chrome_trace_and_an_ops_table(tiny, tmp_path):
     samples = [sample(np.random.default_rng(1), 64, 64, 1)]
-    bench.profile(tiny, samples, 1, tmp_path / "t.trace.json", None)
-    assert "traceEvents" in json.loads((tmp_path / "t.trace.json").read_text())
+    bench.profile(tiny, samples, 1, tmp_path / "t.trace.json.gz", tmp_path / "t.ops.txt", None)
+    assert "traceEvents" in json.loads(gzip.decompress((tmp_path / "t.trace.json.gz").read_bytes()))
+    assert "aten::linear" in (tmp_path / "t.ops.txt").read_text()
 
 
 def test_gate_against_the_stored_baseline_can_fail(tiny, tmp_path):
@@ -165,7 +167,8 @@ def test_e2e_results(e2e):
         assert 0 < r.encoder_ms < r.latency_ms_p90
         assert r.peak_mem_mib > 0 and r.compile_s >= 0 and r.weights == "random(seed=0)"
         assert r.env["versions"]["torch"] == torch.__version__ and r.env["plan_hash"] == r.plan_hash
-        assert (folder / "traces" / f"step_{r.index:02d}_{r.step}.trace.json").is_file()
+        stem = folder / "traces" / f"step_{r.index:02d}_{r.step}"
+        assert Path(f"{stem}.trace.json.gz").is_file() and Path(f"{stem}.ops.txt").is_file()
     setup = json.loads((folder / "plan.json").read_text())
     assert {
         "plan",

@@ -207,8 +207,11 @@ def run(
 
 
 @torch.no_grad()
-def profile(sam: Sam, samples: list[Sample], batch_size: int, trace: Path, memory_snapshot: Path | None) -> None:
-    """One more run of the first batch under torch.profiler (a Chrome/Perfetto trace), after the timed run."""
+def profile(
+    sam: Sam, samples: list[Sample], batch_size: int, trace: Path, table: Path, memory_snapshot: Path | None
+) -> None:
+    """One more run of the first batch under torch.profiler, after the timed run: a Chrome/Perfetto trace (gzipped
+    if `trace` ends in .gz) and `table`, the ops sorted by device time (CPU time on the CPU)."""
     device = next(sam.parameters()).device
     predictor = SamPredictor(sam)
     batch = prepare(sam, predictor, samples[:batch_size], batch_size, device)
@@ -222,6 +225,8 @@ def profile(sam: Sam, samples: list[Sample], batch_size: int, trace: Path, memor
         _sync(device)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=80) + "\n")
     if memory_snapshot is not None:
         torch.cuda.memory._dump_snapshot(str(memory_snapshot))
         torch.cuda.memory._record_memory_history(enabled=None)

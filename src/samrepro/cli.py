@@ -56,7 +56,9 @@ def build_parser() -> Parser:
     ab.add_argument(
         "--weights", help="'random', 'official' or a checkpoint path (default: shipped for tiny, random for vit_*)"
     )
-    ab.add_argument("--data", default="synthetic", help="synthetic or coco:DIR")
+    ab.add_argument(
+        "--data", default="synthetic", help="synthetic, coco:DIR or noise[:P] (1024px noise, P points each)"
+    )
     ab.add_argument("--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB)")
     ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
     ab.add_argument("--force", action="store_true", help="rerun steps whose results exist")

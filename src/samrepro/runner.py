@@ -325,7 +325,15 @@ def resolve_data(data: str) -> str:
             why = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
             raise UsageError(f"COCO data in {root} is unusable: {_first_line(why)}") from None
         return spec
-    raise UsageError(f"unknown data {data!r}; valid: synthetic, coco:DIR")
+    if data == "noise" or data.startswith("noise:"):
+        from samrepro import data as datasets
+
+        try:
+            datasets.load_dataset(data, 1, cache_root())
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return data
+    raise UsageError(f"unknown data {data!r}; valid: synthetic, coco:DIR, noise[:P]")
 
 
 def unavailable(names: list[str], device: str) -> str | None:

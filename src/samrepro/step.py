@@ -115,11 +115,11 @@ def profile(sam: Sam, patches: list[str], samples: list[Sample], batch_size: int
     if snapshot is not None and "compile" in patches:
         snapshot = None  # CUDA graphs (max-autotune) and the memory recorder do not mix
     try:
-        bench.profile(sam, samples, batch_size, Path(f"{stem}.trace.json"), snapshot)
+        bench.profile(sam, samples, batch_size, Path(f"{stem}.trace.json.gz"), Path(f"{stem}.ops.txt"), snapshot)
     except Exception as e:
         traceback.print_exc()
         return f"failed: {type(e).__name__}: {e}"
-    return "trace" + (" + memory snapshot" if snapshot else "")
+    return "trace + ops table" + (" + memory snapshot" if snapshot else "")
 
 
 def gate(result: StepResult, out: bench.BenchResult, baseline_path: Path, spec: dict[str, Any]) -> None:
