@@ -134,6 +134,24 @@ def test_cuda_bf16_runs_on_cusparselt_and_matches_masked(fp32_model):
     assert tensors_equal(sam, fp32_model) == [] and SparseSemiStructuredTensor._FORCE_CUTLASS is False
 
 
+def test_linear_2d_is_the_linear_of_any_leading_shape():
+    linear = nn.Linear(8, 12)
+    x = torch.randn(2, 3, 5, 8)
+    assert torch.equal(sparse24.linear_2d(linear, x), linear(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUSPARSELT, reason="needs CUDA with cuSPARSELt")
+def test_cuda_cusparselt_encoder_compiles(fp32_model):
+    """Under torch.compile the 4-D Linear inputs must not reach the sparse tensor (it refuses `expand`)."""
+    sam, x = copy.deepcopy(fp32_model).cuda(), X.cuda()
+    with apply_patches(sam, ["bf16", "sparse24"]), torch.no_grad():
+        eager = sam.image_encoder(x).float()
+        compiled = torch.compile(sam.image_encoder, fullgraph=True)(x).float()
+    torch._dynamo.reset()
+    assert ((compiled - eager).norm() / eager.norm()).item() < 0.03
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUSPARSELT, reason="needs CUDA with cuSPARSELt")
 def test_cuda_fp32_auto_is_masked_and_cutlass_needs_sm8x(fp32_model):

@@ -27,7 +27,10 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def best_mask(masks: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
-    """Per prompt, the mask with the highest predicted IoU: (N, 3, H, W) -> (N, H, W)."""
+    """Per prompt, the mask with the highest predicted IoU: (N, 3, H, W) -> (N, H, W); (N, 1, H, W), the one mask
+    best_mask_only kept, is that mask."""
+    if masks.shape[1] == 1:
+        return masks[:, 0]
     idx = iou_pred.argmax(dim=1)  # N
     return masks[torch.arange(masks.shape[0], device=masks.device), idx]
 

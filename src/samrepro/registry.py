@@ -13,11 +13,13 @@ from samrepro.patch import Handle, Patch, PatchConfig, PatchError
 # `compile` last because it wraps the encoder that the others change.
 PATCH_ORDER = (
     "bf16",
+    "channels_last",
     "sync_free",
     "sdpa",
     "triton_attn",
     "flex_attn",
     "batched_decoder",
+    "best_mask_only",
     "int8_dynamic",
     "fp8",
     "sparse24",

@@ -29,12 +29,16 @@ MAX_HEAD_DIM = 256
 
 
 def default_blocks(n_k: int, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): a fixed starting table, not yet tuned on a GPU."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep of benchmarks/attn_bench.py (bf16, batch 16;
+    reports/h100-session3): windows 64x32 (vit_b 0.82 ms vs 0.91 for 64x64), global head dim 64 64x64 (3.90 vs
+    4.85 ms for 128x64), global head dim 80 128x64 with 8 warps (9.5 ms; 64x64 took 12.9)."""
     if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory
         return 64, 32, 4, 2
     if n_k <= 256:  # SAM's 14x14 windows (196 keys)
-        return 64, 64, 4, 2
-    return 128, 64, 4 if head_dim <= 64 else 8, 3  # 64x64 global attention: a key block is one grid row
+        return 64, 32, 4, 2
+    if head_dim <= 64:  # 64x64 global attention
+        return 64, 64, 4, 3
+    return 128, 64, 8, 3
 
 
 @triton.jit

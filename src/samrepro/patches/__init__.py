@@ -1,7 +1,9 @@
 """One module per optimization; importing this package registers them all."""
 
 import samrepro.patches.batched_decoder
+import samrepro.patches.best_mask_only
 import samrepro.patches.bf16
+import samrepro.patches.channels_last
 import samrepro.patches.compile
 import samrepro.patches.flex_attn
 import samrepro.patches.fp8

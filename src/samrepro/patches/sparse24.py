@@ -14,14 +14,17 @@ one-shot pruning without retraining, so accuracy drops (SAF, COCO: vit_b mIoU 0.
   can take, masked for the others: all of them on CPU, and under cuSPARSELt those of an fp32 model.
 The path of each layer is fixed when applied and counted in `samrepro.kernels.COUNTERS` under
 "sparse24.<path>.layers", so a step's results say what ran. The original dense Parameters wait on the host and
-come back on undo.
+come back on undo. Semi-structured layers get a forward that flattens the input to 2-D: under torch.compile a
+(B, H, W, C) `linear` decomposes through `expand`, which the sparse tensor classes refuse (H100, torch 2.11).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 from torch.sparse import (
@@ -98,6 +101,12 @@ def choose_backend(kernel: str, device: torch.device) -> str | None:
     return kernel
 
 
+def linear_2d(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward on the input flattened to (rows, in_features), the shape the sparse kernels take."""
+    out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # rows, out
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def _apply(sam: Sam, config: Sparse24Config, undo: Undo) -> None:
     linears = encoder_linears(sam)
     bad = [f"{n} {tuple(m.weight.shape)}" for n, m in linears.items() if m.in_features % 4]
@@ -112,6 +121,7 @@ def _apply(sam: Sam, config: Sparse24Config, undo: Undo) -> None:
             raise PatchError(f"sparse24 kernel={config.kernel!r}: {name}: {unfit}")
         if backend and not unfit:
             weight, path = BACKENDS[backend].from_dense(weight), backend  # packed values + metadata
+            undo.setattr(linear, "forward", MethodType(linear_2d, linear))
         undo.setattr(linear, "weight", nn.Parameter(weight, requires_grad=False))
         paths.append(path)
     park_on_host(dense, undo)  # the model holds only the pruned weights, as SAF's did
