@@ -52,6 +52,8 @@ def test_config_round_trip_and_validation():
     assert Fp8Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="must be a bool"):
         Fp8Config(fast_accum=1)
+    with pytest.raises(ValueError, match="positive float"):
+        Fp8Config(activation_value_lb=0.0)
     assert PATCH.changes_weights
 
 
@@ -73,3 +75,15 @@ def test_float8_weights_and_exact_undo(fp32_model, bf16):
                 get_patch("int8_dynamic").apply(sam)
         assert model_state(sam) == state and tensors_equal(sam, fp32_model) == []
         assert torch.equal(sam.image_encoder(X.cuda()), ref)
+
+
+def test_zero_rows_quantize_to_zero_only_with_the_floor():
+    """The H100 NaN: a zero activation row (SAM's window padding) gets scale 0 without a floor on max |x|."""
+    from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+
+    x = torch.randn(4, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x[2] = 0  # a padded token
+    for lb, nan_rows in ((None, [False, False, True, False]), (Fp8Config().activation_value_lb, [False] * 4)):
+        scale = _choose_scale_float8(x, block_size=[1, 32], float8_dtype=torch.float8_e4m3fn, hp_value_lb=lb)
+        q = _quantize_affine_float8(x, scale, torch.float8_e4m3fn).float()  # 4, 32
+        assert torch.isnan(q).any(dim=1).tolist() == nan_rows

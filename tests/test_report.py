@@ -115,3 +115,12 @@ def test_report_skips_a_corrupt_step_json_with_a_warning(tmp_path, capsys):
     text = write_report(tmp_path / "res").read_text()
     assert "| bf16 | bf16 | ok |" in text
     assert "skipping unreadable step result" in capsys.readouterr().err
+
+
+def test_report_names_plan_steps_that_left_no_result(tmp_path):
+    write_results(tmp_path / "res")
+    info = json.loads((tmp_path / "res" / "plan.json").read_text())
+    info["plan"] = {"name": "blog", "steps": [{"name": n} for n in ("fp32", "bf16", "compile", "sdpa", "int8", "late")]}
+    (tmp_path / "res" / "plan.json").write_text(json.dumps(info))
+    text = write_report(tmp_path / "res").read_text()
+    assert "**Not run:** `late` of the plan left no StepResult" in text

@@ -109,6 +109,14 @@ def render(step_results: list[StepResult], plan: dict[str, Any]) -> str:
             "part of their accuracy change comes from the weights themselves, and MLPerf's Closed division would "
             "not accept them.",
         ]
+    done = {r.step for r in step_results}
+    missing = [s["name"] for s in plan.get("plan", {}).get("steps", []) if s["name"] not in done]
+    if missing:
+        lines += [
+            "",
+            f"> **Not run:** {', '.join(f'`{s}`' for s in missing)} of the plan left no StepResult (the sweep was "
+            "stopped or is still running); rerunning the same command into this folder resumes there.",
+        ]
     failed = [r for r in step_results if r.error]
     if failed:
         lines += ["", "## Errors"]

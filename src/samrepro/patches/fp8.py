@@ -26,13 +26,19 @@ WEIGHT_DTYPE = torch.bfloat16  # what torchao 0.18's PerRow float8 accepts
 
 @dataclass(frozen=True)
 class Fp8Config(PatchConfig):
-    """fast_accum: `_scaled_mm` accumulates in lower precision (torchao's default; faster, slightly less exact)."""
+    """fast_accum: `_scaled_mm` accumulates in lower precision (torchao's default; faster, slightly less exact).
+    activation_value_lb: floor of each activation row's max |x| when its scale is chosen. SAM pads windowed blocks
+    with zero tokens; without a floor their rows get scale 0 and quantize to 0/0 = NaN, which the padded keys
+    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002; reports/h100-session3)."""
 
     fast_accum: bool = True
+    activation_value_lb: float = 1e-12
 
     def __post_init__(self) -> None:
         if not isinstance(self.fast_accum, bool):
             raise ValueError(f"fast_accum must be a bool, got {self.fast_accum!r}")
+        if not isinstance(self.activation_value_lb, float) or not self.activation_value_lb > 0:
+            raise ValueError(f"activation_value_lb must be a positive float, got {self.activation_value_lb!r}")
 
 
 def _bf16_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,10 @@ def _apply(sam: Sam, config: Fp8Config, undo: Undo) -> None:
         elif linear.weight.dtype != WEIGHT_DTYPE:
             raise PatchError(f"fp8: row-wise float8 takes fp32 or bf16 weights, got {linear.weight.dtype}")
     ao_config = Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow(), mm_config=Float8MMConfig(use_fast_accum=config.fast_accum), set_inductor_config=False
+        granularity=PerRow(),
+        mm_config=Float8MMConfig(use_fast_accum=config.fast_accum),
+        activation_value_lb=config.activation_value_lb,
+        set_inductor_config=False,
     )
     quantize_reversibly(linears, ao_config, "fp8", undo)
 
