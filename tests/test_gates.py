@@ -15,7 +15,7 @@ from samrepro.patch import PatchError
 from tests.conftest import make_samples
 
 # Each example of `compile` recompiles the encoder (a new model copy, a new batch size): ~1-2 min on 2 CPU cores.
-EXAMPLES = {"compile": 1, "flex_attn": 3}  # flex_attn compiles per new shape too (~5 s each)
+EXAMPLES = {"compile": 1, "flex_attn": 3, "compile_decoder": 3}  # these two compile per new shape too
 
 batches = st.builds(
     make_samples,

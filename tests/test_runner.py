@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from samrepro import bench, results, runner, step
+from samrepro import bench, flops, results, runner, step
 from samrepro.models import load_model
 from samrepro.registry import list_patches
 from samrepro.results import StepResult
@@ -165,6 +165,7 @@ def test_e2e_results(e2e):
     for r in (base, sync):
         assert r.images == 2 and r.img_s > 0 and r.latency_ms_p90 >= r.latency_ms_p50 > 0
         assert 0 < r.encoder_ms < r.latency_ms_p90
+        assert r.encoder_tflop_s == pytest.approx(flops.encoder_flops("tiny") / r.encoder_ms / 1e9)  # no padded images
         assert r.peak_mem_mib > 0 and r.compile_s >= 0 and r.weights == "random(seed=0)"
         assert r.env["versions"]["torch"] == torch.__version__ and r.env["plan_hash"] == r.plan_hash
         stem = folder / "traces" / f"step_{r.index:02d}_{r.step}"

@@ -20,6 +20,7 @@ PATCH_ORDER = (
     "flex_attn",
     "batched_decoder",
     "best_mask_only",
+    "compile_decoder",
     "int8_dynamic",
     "fp8",
     "sparse24",

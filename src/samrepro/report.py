@@ -136,8 +136,8 @@ def _heading(plan: dict[str, Any]) -> str:
 
 def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]:
     head = (
-        "step | patches | status | img/s | speed-up | p50 ms | p90 ms | encoder ms | encoder speed-up | peak MiB | "
-        "compile s | mIoU GT | "
+        "step | patches | status | img/s | speed-up | p50 ms | p90 ms | encoder ms | encoder speed-up | "
+        "encoder TFLOP/s | peak MiB | compile s | mIoU GT | "
         "agreement mIoU | SQNR dB | gate | tolerance | violations | kernel paths | reason"
     ).split(" | ")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,6 +154,7 @@ def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]
             _num(r.latency_ms_p90, ".2f"),
             _num(r.encoder_ms, ".2f"),
             _num(enc_speedup, ".2f", "x"),
+            _num(r.encoder_tflop_s, ".3g"),
             _num(r.peak_mem_mib, ".0f"),
             _num(r.compile_s, ".1f"),
             _num(r.miou_gt, ".4f"),

@@ -41,6 +41,7 @@ class StepResult:
     latency_ms_p50: float | None = None  # per image
     latency_ms_p90: float | None = None
     encoder_ms: float | None = None  # image encoder time per image (its batch's encoder time / real images)
+    encoder_tflop_s: float | None = None  # samrepro.flops' count of the unpatched encoder / encoder time
     peak_mem_mib: float | None = None  # CUDA max allocated, or CPU peak RSS
     peak_mem_reserved_mib: float | None = None  # CUDA only
     compile_s: float | None = None  # warm-up (compile) seconds, not timed

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
-from samrepro import bench, env, results
+from samrepro import bench, env, flops, results
 from samrepro.kernels import COUNTERS
 from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
 from samrepro.models import fp32_reference_mode, load_model
@@ -94,6 +94,8 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
     result.img_s, result.compile_s = out.img_s, out.compile_s
     result.latency_ms_p50, result.latency_ms_p90 = out.latency_pct(50), out.latency_pct(90)
     result.encoder_ms = out.encoder_ms
+    encoded = -(-out.images // spec["batch_size"]) * spec["batch_size"]  # the last batch is padded
+    result.encoder_tflop_s = flops.tflop_s(spec["model"], encoded, out.encoder_s)
     result.peak_mem_mib, result.peak_mem_reserved_mib = out.peak_mem_mib, out.peak_mem_reserved_mib
     result.miou_gt = out.miou_gt
     result.kernel_paths = dict(COUNTERS)  # which hand-written kernel paths ran (triton_attn counts its calls)

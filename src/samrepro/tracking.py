@@ -42,6 +42,7 @@ METRICS = (
     "latency_ms_p50",
     "latency_ms_p90",
     "encoder_ms",
+    "encoder_tflop_s",
     "peak_mem_mib",
     "peak_mem_reserved_mib",
     "compile_s",

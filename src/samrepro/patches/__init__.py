@@ -5,6 +5,7 @@ import samrepro.patches.best_mask_only
 import samrepro.patches.bf16
 import samrepro.patches.channels_last
 import samrepro.patches.compile
+import samrepro.patches.compile_decoder
 import samrepro.patches.flex_attn
 import samrepro.patches.fp8
 import samrepro.patches.int8_dynamic
