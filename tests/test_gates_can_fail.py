@@ -136,3 +136,55 @@ def test_double_apply_and_apply_after_compile_refused(tiny_ref):
     with pytest.raises(PatchError, match="before compile"):
         patch.apply(sam)
     sam.image_encoder = original
+
+
+def _worst_mask_kept(sam, cfg, undo: Undo) -> None:
+    """best_mask_only with argmin for argmax."""
+    from samrepro.patches.best_mask_only import postprocess_masks
+
+    dec = sam.mask_decoder
+
+    def forward(self, *args, **kwargs):
+        masks, iou = type(self).forward(self, *args, **kwargs)  # N, 3, h, w; N, 3
+        worst = iou.argmin(dim=1)
+        return masks[torch.arange(len(worst)), worst][:, None], iou
+
+    undo.setattr(dec, "forward", MethodType(forward, dec))
+    undo.setattr(sam, "postprocess_masks", MethodType(postprocess_masks, sam))
+
+
+def _flipped_convs(sam, cfg, undo: Undo) -> None:
+    """channels_last with every encoder conv kernel flipped left-right."""
+    for conv in (m for m in sam.image_encoder.modules() if isinstance(m, nn.Conv2d)):
+        flipped = conv.weight.detach().flip(-1).contiguous(memory_format=torch.channels_last)
+        undo.setattr(conv, "weight", nn.Parameter(flipped, requires_grad=False))
+
+
+def _compiled_decoder_off_by_a_bit(sam, cfg, undo: Undo) -> None:
+    """compile_decoder whose compiled predict_masks shifts the IoU scores by 1e-3."""
+    dec = sam.mask_decoder
+    eager = dec.predict_masks
+
+    def predict_masks(**kwargs):
+        masks, iou = eager(**kwargs)
+        return masks, iou + 1e-3
+
+    undo.setattr(dec, "predict_masks", torch.compile(predict_masks, dynamic=None))
+
+
+@pytest.mark.parametrize(
+    "name, apply_fn, measure",
+    [
+        ("best_mask_only", _worst_mask_kept, "miou_agreement"),
+        ("channels_last", _flipped_convs, "embedding_sqnr_db"),
+        ("compile_decoder", _compiled_decoder_off_by_a_bit, "iou_pred_max_abs"),
+    ],
+)
+def test_session3_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):
+    """Each new patch's own declared tolerance, on a broken version of that patch."""
+    from samrepro.registry import get_patch
+
+    patch = broken(f"broken_{name}", apply_fn, get_patch(name).tolerance)
+    violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
+    torch._dynamo.reset()
+    assert any(v.startswith(measure) for v in violations), f"{name}: {violations} (measured {measured})"
