@@ -3,8 +3,11 @@
 The H100 profile of vit_b at batch 16 x 8 prompts (reports/h100-session3) showed the eager decoder spending at
 least 9 ms of its ~23 ms per batch in unfused elementwise passes over (128, 4096, 256) activations: copies for
 permutes, positional-encoding adds, layer norms. Inductor fuses those. `predict_masks` is compiled as it stands
-when applied (upstream's, or batched_decoder's per-prompt version), without CUDA graphs: the number of prompts
-changes between calls, and after one recompile dynamo treats it as dynamic. Not yet measured on a GPU.
+when applied (upstream's, or batched_decoder's per-prompt version), without CUDA graphs and with dynamic shapes
+from the first call: the number of prompts changes between batches, and with dynamo's default (static, then dynamic
+after a recompile) that recompile landed inside the timed loop (tiny, CPU, bs8 synthetic: 77.9 -> 14.3 img/s).
+Dynamic from the start, the same run gave 71.5 -> 72.1 img/s (p50 13.7 -> 14.0 ms): no gain on the tiny on a CPU.
+Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -33,14 +36,14 @@ class CompileDecoderConfig(PatchConfig):
 
 def _apply(sam: Sam, config: CompileDecoderConfig, undo: Undo) -> None:
     decoder = sam.mask_decoder
-    compiled = torch.compile(decoder.predict_masks, mode=config.mode, dynamic=None)
+    compiled = torch.compile(decoder.predict_masks, mode=config.mode, dynamic=True)
     undo.setattr(decoder, "predict_masks", compiled)
 
 
 PATCH = register_patch(
     Patch(
         name="compile_decoder",
-        summary="torch.compile of the mask decoder's predict_masks (no CUDA graphs; prompt count dynamic)",
+        summary="torch.compile of the mask decoder's predict_masks (no CUDA graphs, dynamic shapes)",
         config_cls=CompileDecoderConfig,
         apply_fn=_apply,
         # As `compile` (reassociation only); the encoder is untouched, so its embeddings stay exact.
