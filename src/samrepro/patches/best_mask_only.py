@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
+from samrepro.metrics import best_mask
 from samrepro.patch import EXACT, Patch, PatchConfig, Undo
 from samrepro.registry import register_patch
 
@@ -31,10 +32,8 @@ class BestMaskOnlyConfig(PatchConfig):
 
 
 def keep_best(masks: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
-    """(N, 3, h, w), (N, 3) -> (N, 1, h, w): each prompt's mask with the highest predicted IoU (first on ties)."""
-    n, _, h, w = masks.shape
-    best = iou_pred.argmax(dim=1)  # N
-    return masks.gather(1, best.view(n, 1, 1, 1).expand(n, 1, h, w))
+    """(N, 3, h, w), (N, 3) -> (N, 1, h, w): the workload's own choice (`metrics.best_mask`), kept 4-D."""
+    return best_mask(masks, iou_pred)[:, None]
 
 
 def postprocess_masks(self: Sam, masks: torch.Tensor, input_size: tuple, original_size: tuple) -> torch.Tensor:
