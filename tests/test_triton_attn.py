@@ -47,15 +47,15 @@ CASES = {
     "bn==w": (1, 2, 4, 16, 32, 32, 16, "float32"),
     "bn>w_multiple": (2, 1, 8, 8, 16, 16, 32, "float32"),
     "bn>w_window6x6_bs1": (1, 1, 6, 6, 32, 16, 16, "float32"),  # SAF's bug: 16 keys = 2.7 rows
-    "bn>w_window7x7_d20": (1, 2, 7, 7, 20, 32, 32, "float32"),  # head dim 20 = 16 + a 16-wide tail, 12 masked
+    "bn>w_window7x7_d20": (1, 2, 7, 7, 20, 32, 32, "float32"),  # head dim 20 -> BLOCK_D 32 (as 80 -> 128)
     "window14x14_d40": (2, 1, 14, 14, 40, 64, 64, "float32"),  # SAM's window, 196 keys
     "global16x16_table": (1, 2, 16, 16, 64, 0, 0, "float32"),  # the tiny model's global blocks
     "rows64_table_fp16": (1, 2, 5, 64, 64, 0, 0, "float16"),  # 128x64 blocks: one key block per 64-wide row
     "window14x14_table_bf16": (2, 1, 14, 14, 32, 0, 0, "bfloat16"),
     "fp16_window7x7": (2, 1, 7, 7, 32, 16, 16, "float16"),
-    "fp16_window6x6_d80": (1, 1, 6, 6, 80, 32, 16, "float16"),  # vit_h head dim: 64 + a 16-wide tail
+    "fp16_window6x6_d80": (1, 1, 6, 6, 80, 32, 16, "float16"),  # vit_h head dim: BLOCK_D 128, masked
     "window14x14_d80_table_bf16": (1, 2, 14, 14, 80, 0, 0, "bfloat16"),  # vit_h's windows, the table's blocks
-    "bn>w_window5x5_d8": (1, 1, 5, 5, 8, 16, 32, "float32"),  # head dim below the smallest dot: 8 masked
+    "bn>w_window5x5_d8": (1, 1, 5, 5, 8, 16, 32, "float32"),  # head dim below the smallest dot: BLOCK_D 16
     "bf16_window7x7": (2, 1, 7, 7, 32, 16, 16, "bfloat16"),
 }
 # Max abs error against a float64 reference on the same (rounded) inputs; outputs are O(1). Measured in the
@@ -256,8 +256,7 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch):
     kernel = rpa._rel_pos_attention_fwd
     bm, bn, warps, stages = rpa.default_blocks(kh * kw, d, 4 if dtype == "fp32" else 2)
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
-    block_d, block_t = rpa.head_blocks(d)
-    consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": "ieee" if dtype == "fp32" else None}
+    consts |= {"BLOCK_N": bn, "BLOCK_D": triton.next_power_of_2(d), "PRECISION": "ieee" if dtype == "fp32" else None}
     scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})
