@@ -26,6 +26,17 @@ def test_registry_lists_the_issue_patches_with_tolerances():
         assert isinstance(patch.tolerance, Tolerance) and patch.summary
 
 
+def test_excludes_are_symmetric():
+    """`Patch.apply` checks only the new patch's list, so each side must list the other (else order decides)."""
+    one_sided = [
+        (name, other)
+        for name in list_patches()
+        for other in get_patch(name).excludes
+        if other not in list_patches() or name not in get_patch(other).excludes
+    ]
+    assert not one_sided
+
+
 def test_unknown_patch_lists_valid_names():
     with pytest.raises(KeyError, match="valid: .*sync_free"):
         get_patch("nope")
