@@ -76,11 +76,11 @@ def sdpa_bias(backend):
     return run
 
 
-def triton(block_m, block_n):
+def triton(block_m, block_n, split=False):
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton)
 
     def run(q, k, v, rel_h, rel_w, scale):
-        return torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, block_m, block_n, 0, 0)
+        return torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, block_m, block_n, 0, 0, split)
 
     return run
 
@@ -144,6 +144,8 @@ def methods(device: str, flex_autotune: bool) -> dict:
     for bm, bn in TRITON_BLOCKS:
         name = "triton[table]" if bm == 0 else f"triton[{bm}x{bn}]"
         out[name] = cuda_only(lambda bm=bm, bn=bn: triton(bm, bn), "samrepro::rel_pos_attention runs on CUDA only")
+    # the head dim split into a power of two and a tail (vit_h: 64 + 16) instead of padded; its own table
+    out["triton-split[table]"] = cuda_only(lambda: triton(0, 0, True), "samrepro::rel_pos_attention runs on CUDA only")
     out["flex"] = lambda: flex("default")
     if flex_autotune:
         out["flex[max-autotune]"] = lambda: flex("max-autotune-no-cudagraphs")

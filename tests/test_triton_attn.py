@@ -57,7 +57,10 @@ CASES = {
     "window14x14_d80_table_bf16": (1, 2, 14, 14, 80, 0, 0, "bfloat16"),  # vit_h's windows, the table's blocks
     "bn>w_window5x5_d8": (1, 1, 5, 5, 8, 16, 32, "float32"),  # head dim below the smallest dot: BLOCK_D 16
     "bf16_window7x7": (2, 1, 7, 7, 32, 16, 16, "bfloat16"),
+    "window5x5_d100": (1, 1, 5, 5, 100, 16, 16, "float32"),  # padded to 128; split: 64 + a 64-wide tail, 28 masked
 }
+# Cases run once more with the head dim split (a power of two plus a tail) instead of padded; d40 splits 32 + 16
+SPLIT = ("bn>w_window7x7_d20", "window14x14_d40", "fp16_window6x6_d80", "window14x14_d80_table_bf16", "window5x5_d100")
 # Max abs error against a float64 reference on the same (rounded) inputs; outputs are O(1). Measured in the
 # interpreter (seeds 0-2): fp32 <= 1.3e-6; fp16 <= 1.1e-3; bf16 <= 2.2e-2, where CPU SDPA in bf16 gives 1.2e-2
 # (the kernel also rounds the pre-scaled q and the probabilities p to the input dtype).
@@ -74,9 +77,9 @@ def inputs(batch, heads, kh, kw, d, dtype, seed=0):
     return q, k, v, rel_h, rel_w, d**-0.5
 
 
-def case_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype) -> float:
+def case_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False) -> float:
     args = inputs(batch, heads, kh, kw, d, dtype)
-    out = torch.ops.samrepro.rel_pos_attention(*args, bm, bn)
+    out = torch.ops.samrepro.rel_pos_attention(*args, bm, bn, 0, 0, split)
     ref = rpa.reference(*(t.double() for t in args[:5]), args[5])
     return (out.double() - ref).abs().max().item()
 
@@ -103,6 +106,7 @@ def interpreter_checks() -> dict:
     assert rpa.INTERPRETED, "the child must run with TRITON_INTERPRET=1"
     widen_bf16_dots()
     res = {"cases": {name: case_error(rpa, *case) for name, case in CASES.items()}}
+    res["split"] = {name: case_error(rpa, *CASES[name], split=True) for name in SPLIT}
     fixed, rpa._rel_bias = rpa._rel_bias, published_rel_bias  # the interpreter looks helpers up at run time
     res["published"] = {name: case_error(rpa, *CASES[name]) for name in PUBLISHED_INDEX}
     rpa._rel_bias = fixed
@@ -133,7 +137,28 @@ def interpreter_checks() -> dict:
         res["compiled"] = {"equal": all(torch.equal(o, eager) for o in outs), "count": COUNTERS.get(rpa.PATH, 0)}
         undo.run()
         res["encoder"]["undone_equal"] = torch.equal(sam.image_encoder(x), ref)
+        res["split_windows"] = split_windows_check(rpa)
     return res
+
+
+def split_windows_check(rpa) -> dict:
+    """An encoder with head dim 20, one windowed and one global block, patched with split_windows: which calls
+    split (recorded at the kernel's head-dim choice) and the error against upstream."""
+    enc = ImageEncoderViT(
+        img_size=64, patch_size=8, embed_dim=40, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
+        use_rel_pos=True, out_chans=16,
+    ).eval()  # fmt: skip
+    for p in enc.parameters():
+        torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ref = enc(x)
+    undo, calls, head_blocks = Undo(), [], rpa.head_blocks
+    rpa.head_blocks = lambda d, split: calls.append(split) or head_blocks(d, split)
+    triton_attn.PATCH.apply_fn(SimpleNamespace(image_encoder=enc), TritonAttnConfig(split_windows=True), undo)
+    out = enc(x)
+    rpa.head_blocks = head_blocks
+    undo.run()
+    return {"splits": calls, "rel_err": ((out - ref).abs().max() / ref.abs().max()).item()}
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +178,18 @@ def interp(tmp_path_factory) -> dict:
 def test_kernel_matches_materialized_bias_reference(interp, case):
     err = interp["cases"][case]
     assert err <= TOL[CASES[case][-1]], f"{case}: max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("case", SPLIT)
+def test_split_head_dim_matches_reference(interp, case):
+    err = interp["split"][case]
+    assert err <= TOL[CASES[case][-1]], f"{case} split: max abs error {err:.3g}"
+
+
+def test_split_windows_splits_windowed_blocks_only(interp):
+    check = interp["split_windows"]
+    assert check["splits"] == [True, False]  # block 0 windowed, block 1 global
+    assert check["rel_err"] <= 1e-5
 
 
 @pytest.mark.parametrize("case", PUBLISHED_INDEX)
@@ -242,11 +279,16 @@ def test_fake_impl_and_input_errors():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "dtype, kh, kw, d, arch",
-    [("bf16", 64, 64, 64, 90), ("fp16", 14, 14, 80, 80), ("bf16", 64, 64, 80, 90)],
-    ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90"],
+    "dtype, kh, kw, d, arch, split",
+    [
+        ("bf16", 64, 64, 64, 90, False),
+        ("fp16", 14, 14, 80, 80, False),
+        ("bf16", 64, 64, 80, 90, False),
+        ("bf16", 14, 14, 80, 90, True),
+    ],
+    ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90", "vit_h_window_split_sm90"],
 )
-def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch):
+def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split):
     """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -254,9 +296,10 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch):
     from samrepro.kernels import rel_pos_attention as rpa
 
     kernel = rpa._rel_pos_attention_fwd
-    bm, bn, warps, stages = rpa.default_blocks(kh * kw, d, 4 if dtype == "fp32" else 2)
+    bm, bn, warps, stages = rpa.default_blocks(kh * kw, d, 4 if dtype == "fp32" else 2, split)
+    block_d, block_t = rpa.head_blocks(d, split)
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
-    consts |= {"BLOCK_N": bn, "BLOCK_D": triton.next_power_of_2(d), "PRECISION": "ieee" if dtype == "fp32" else None}
+    consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": "ieee" if dtype == "fp32" else None}
     scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})
@@ -272,9 +315,9 @@ def test_refuses_encoders_without_rel_pos():
 
 
 def test_config_validates_and_round_trips():
-    cfg = TritonAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+    cfg = TritonAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_windows=True)
     assert TritonAttnConfig.from_dict(cfg.to_dict()) == cfg and cfg.blocks() == (64, 32, 4, 3)
-    for bad in ({"block_n": 24}, {"block_m": 8}, {"num_warps": 3}, {"num_stages": -1}):
+    for bad in ({"block_n": 24}, {"block_m": 8}, {"num_warps": 3}, {"num_stages": -1}, {"split_windows": 1}):
         with pytest.raises(ValueError):
             TritonAttnConfig(**bad)
 

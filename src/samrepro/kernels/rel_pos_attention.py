@@ -28,10 +28,13 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp
 MAX_HEAD_DIM = 256
 
 
-def default_blocks(n_k: int, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweep of benchmarks/attn_bench.py (bf16, batch 16;
+def default_blocks(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweeps of benchmarks/attn_bench.py (bf16, batch 16;
     reports/h100-session3): windows 64x32 (vit_b 0.82 ms vs 0.91 for 64x64), global head dim 64 64x64 (3.90 vs
-    4.85 ms for 128x64), global head dim 80 128x64 with 8 warps (9.5 ms; 64x64 took 12.9)."""
+    4.85 ms for 128x64), global head dim 80 128x64 with 8 warps (9.5 ms; 64x64 took 12.9). Split head dim, windows
+    (session 4): 128x32 (vit_h 1.395 ms vs 2.43 for 64x32)."""
+    if split and itemsize == 2 and n_k <= 256:
+        return 128, 32, 4, 2
     if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory
         return 64, 32, 4, 2
     if n_k <= 256:  # SAM's 14x14 windows (196 keys)
@@ -64,33 +67,48 @@ def _rel_pos_attention_fwd(
     sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_n, so_d,
     KH: tl.constexpr, KW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2."""
+    """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2.
+
+    The head dim is BLOCK_D columns (padded: BLOCK_D >= HEAD_DIM) and, if HEAD_DIM > BLOCK_D, a tail of BLOCK_T
+    columns from BLOCK_D on (split: vit_h's 80 = 64 + 16). Columns past HEAD_DIM are masked to zero."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
     offs_m = (tl.program_id(0) % n_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
     q_mask = offs_m < N_Q
-    d_mask = offs_d < HEAD_DIM  # BLOCK_D pads the head dim to a power of two (vit_h: 80 -> 128) without copies
+    d_mask, t_mask = offs_d < HEAD_DIM, offs_t < HEAD_DIM
+    TAIL: tl.constexpr = HEAD_DIM > BLOCK_D
 
-    q_tile = q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
-    q = tl.load(q_tile, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, BLOCK_D
+    q_base = q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n
+    q = tl.load(q_base + offs_d[None, :] * sq_d, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, D
     q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # scores come out in log2 units
-    k_tile = k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d  # BLOCK_D, BLOCK_N
-    v_tile = v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d  # BLOCK_N, BLOCK_D
+    k_base = k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_n
+    v_base = v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n
+    k_tile, v_tile = k_base + offs_d[:, None] * sk_d, v_base + offs_d[None, :] * sv_d  # D, BLOCK_N; BLOCK_N, D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)  # the tail's output columns (unused without a tail)
+    if TAIL:
+        q_t = tl.load(q_base + offs_t[None, :] * sq_d, mask=q_mask[:, None] & t_mask[None, :], other=0.0)
+        q_t = (q_t.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # BLOCK_M, T
+        k_tile_t, v_tile_t = k_base + offs_t[:, None] * sk_d, v_base + offs_t[None, :] * sv_d  # T, BLOCK_N; BLOCK_N, T
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, KH * KW, BLOCK_N):
         n_mask = start_n + offs_n < KH * KW
         k = tl.load(k_tile + start_n * sk_n, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=PRECISION)  # BLOCK_M, BLOCK_N
+        if TAIL:
+            k_t = tl.load(k_tile_t + start_n * sk_n, mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+            s = tl.dot(q_t, k_t, s, input_precision=PRECISION)
         s += _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH, KW, BLOCK_N) * LOG2E
         if (KH * KW) % BLOCK_N != 0:  # the last key block is partial
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -100,9 +118,25 @@ def _rel_pos_attention_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_tile + start_n * sv_n, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if TAIL:
+            v_t = tl.load(v_tile_t + start_n * sv_n, mask=n_mask[:, None] & t_mask[None, :], other=0.0)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=PRECISION)
         m_i = m_new
-    o_tile = o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
-    tl.store(o_tile, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
+    o_base = o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n
+    o_ty = o_ptr.dtype.element_ty
+    row_mask = q_mask[:, None]
+    tl.store(o_base + offs_d[None, :] * so_d, (acc / l_i[:, None]).to(o_ty), mask=row_mask & d_mask[None, :])
+    if TAIL:
+        tl.store(o_base + offs_t[None, :] * so_d, (acc_t / l_i[:, None]).to(o_ty), mask=row_mask & t_mask[None, :])
+
+
+def head_blocks(head_dim: int, split: bool) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_T), both powers of two >= 16 (the smallest dot). Padded (split=False): BLOCK_D covers the
+    head dim, no tail (80 -> 128). Split: the largest power of two <= head_dim plus a tail (80 -> 64 + 16)."""
+    if not split:
+        return max(16, triton.next_power_of_2(head_dim)), 16  # the tail block is never used
+    main = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two <= head_dim
+    return main, max(16, triton.next_power_of_2(max(head_dim - main, 1)))
 
 
 INTERPRETED = not isinstance(_rel_pos_attention_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
@@ -147,6 +181,7 @@ def rel_pos_attention_op(
     block_n: int = 0,
     num_warps: int = 0,
     num_stages: int = 0,
+    split_head: bool = False,
 ) -> torch.Tensor:
     """softmax(scale * q @ k^T + bias) @ v, bias(q, key) = rel_h[q, key // kw] + rel_w[q, key % kw].
 
@@ -155,6 +190,7 @@ def rel_pos_attention_op(
         rel_h: (B, heads, N_q, kh); rel_w: (B, heads, N_q, kw).
         scale: softmax scale, applied to q @ k^T only (the bias is added unscaled, as in SAM).
         block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_blocks`.
+        split_head: a head dim that is not a power of two runs as a power of two plus a tail instead of padded.
     """
     _check(q, k, v, rel_h, rel_w)
     if q.device.type != "cuda" and not INTERPRETED:
@@ -162,17 +198,19 @@ def rel_pos_attention_op(
     batch, heads, n_q, d = q.shape
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
     given = (block_m, block_n, num_warps, num_stages)
-    bm, bn, warps, stages = (g or dflt for g, dflt in zip(given, default_blocks(kh * kw, d, q.element_size())))
+    table = default_blocks(kh * kw, d, q.element_size(), split_head)
+    bm, bn, warps, stages = (g or dflt for g, dflt in zip(given, table))
     if not all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn)):
         raise ValueError(f"rel_pos_attention: block sizes must be powers of two >= 16, got {bm}, {bn}")
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
     out = _empty_out(q)
+    block_d, block_t = head_blocks(d, split_head)
     grid = (batch * heads * triton.cdiv(n_q, bm),)
     _rel_pos_attention_fwd[grid](
         q, k, v, rel_h.contiguous(), rel_w.contiguous(), out,
         scale * LOG2E.value, n_q, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_T=block_t,
         PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -180,7 +218,7 @@ def rel_pos_attention_op(
 
 
 @rel_pos_attention_op.register_fake
-def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0):
+def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False):
     _check(q, k, v, rel_h, rel_w)
     return _empty_out(q)
 

@@ -29,6 +29,10 @@ class TritonAttnConfig(PatchConfig):
     block_n: int = 0  # keys per loop step; any value is correct, whatever the key grid's width
     num_warps: int = 0
     num_stages: int = 0
+    # Windowed blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to
+    # 128). H100 sweep (reports/h100-session4): vit_h windows 1.395 ms split at 128x32 vs 1.64 padded; global
+    # blocks split were slower (10.8 vs 9.5 ms), so they stay padded. Not yet measured in the full model.
+    split_windows: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -39,25 +43,30 @@ class TritonAttnConfig(PatchConfig):
             raise ValueError(f"num_warps must be 0 (the table) or a power of two <= 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 0:
             raise ValueError(f"num_stages must be 0 (the table) or positive, got {self.num_stages!r}")
+        if not isinstance(self.split_windows, bool):
+            raise ValueError(f"split_windows must be a bool, got {self.split_windows!r}")
 
     def blocks(self) -> tuple[int, int, int, int]:
         return self.block_m, self.block_n, self.num_warps, self.num_stages
 
 
-def encoder_attention_forward(self: image_encoder.Attention, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+def encoder_attention_forward(
+    self: image_encoder.Attention, x: torch.Tensor, blocks: tuple[int, ...], split_head: bool
+) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel."""
     B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
     qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
     q, k, v = qkv.unbind(0)  # B, heads, HW, d: strided views, read in place by the kernel
     rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
     rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
-    out = torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, *blocks)  # B, heads, HW, d
+    attention = torch.ops.samrepro.rel_pos_attention
+    out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head)  # B, heads, HW, d
     return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # the kernel wrote (B, HW, heads, d): no copy
 
 
-def _bind(module: image_encoder.Attention, blocks: tuple[int, ...]):
+def _bind(module: image_encoder.Attention, blocks: tuple[int, ...], split_head: bool):
     def forward(self, x):
-        return encoder_attention_forward(self, x, blocks)
+        return encoder_attention_forward(self, x, blocks, split_head)
 
     return MethodType(forward, module)
 
@@ -65,12 +74,13 @@ def _bind(module: image_encoder.Attention, blocks: tuple[int, ...]):
 def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton, so only when applied)
 
-    attns = [(n, m) for n, m in sam.image_encoder.named_modules() if isinstance(m, image_encoder.Attention)]
-    plain = [n for n, m in attns if not m.use_rel_pos]
+    blocks = [(n, b) for n, b in sam.image_encoder.named_modules() if isinstance(b, image_encoder.Block)]
+    plain = [f"{n}.attn" for n, b in blocks if not b.attn.use_rel_pos]
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
-    for _, module in attns:
-        undo.setattr(module, "forward", _bind(module, config.blocks()))
+    for _, block in blocks:
+        split = config.split_windows and block.window_size > 0
+        undo.setattr(block.attn, "forward", _bind(block.attn, config.blocks(), split))
 
 
 PATCH = register_patch(
