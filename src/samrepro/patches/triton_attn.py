@@ -74,11 +74,11 @@ def _bind(module: image_encoder.Attention, blocks: tuple[int, ...], split_head: 
 def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton, so only when applied)
 
-    blocks = [(n, b) for n, b in sam.image_encoder.named_modules() if isinstance(b, image_encoder.Block)]
-    plain = [f"{n}.attn" for n, b in blocks if not b.attn.use_rel_pos]
+    layers = [(n, b) for n, b in sam.image_encoder.named_modules() if isinstance(b, image_encoder.Block)]
+    plain = [f"{n}.attn" for n, b in layers if not b.attn.use_rel_pos]
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
-    for _, block in blocks:
+    for _, block in layers:  # `config.blocks()` are the kernel's launch blocks, not these
         split = config.split_windows and block.window_size > 0
         undo.setattr(block.attn, "forward", _bind(block.attn, config.blocks(), split))
 
