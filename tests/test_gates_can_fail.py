@@ -172,15 +172,25 @@ def _compiled_decoder_off_by_a_bit(sam, cfg, undo: Undo) -> None:
     undo.setattr(dec, "predict_masks", torch.compile(predict_masks, dynamic=None))
 
 
+def _fold_grid_transposed(sam, cfg, undo: Undo) -> None:
+    """fold_attn whose one-hot keys read the key grid transposed (rel_h against columns, rel_w against rows)."""
+    from samrepro.patches import fold_attn
+
+    fold = fold_attn.fold_rel_pos
+    undo.setattr(fold_attn, "fold_rel_pos", lambda q, k, rel_h, rel_w, scale: fold(q, k, rel_w, rel_h, scale))
+    fold_attn.PATCH.apply_fn(sam, fold_attn.FoldAttnConfig(), undo)
+
+
 @pytest.mark.parametrize(
     "name, apply_fn, measure",
     [
         ("best_mask_only", _worst_mask_kept, "miou_agreement"),
         ("channels_last", _flipped_convs, "embedding_sqnr_db"),
         ("compile_decoder", _compiled_decoder_off_by_a_bit, "iou_pred_max_abs"),
+        ("fold_attn", _fold_grid_transposed, "embedding_sqnr_db"),
     ],
 )
-def test_session3_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):
+def test_later_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):
     """Each new patch's own declared tolerance, on a broken version of that patch."""
     from samrepro.registry import get_patch
 

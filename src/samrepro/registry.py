@@ -18,6 +18,7 @@ PATCH_ORDER = (
     "sdpa",
     "triton_attn",
     "flex_attn",
+    "fold_attn",
     "batched_decoder",
     "best_mask_only",
     "compile_decoder",

@@ -7,6 +7,7 @@ import samrepro.patches.channels_last
 import samrepro.patches.compile
 import samrepro.patches.compile_decoder
 import samrepro.patches.flex_attn
+import samrepro.patches.fold_attn
 import samrepro.patches.fp8
 import samrepro.patches.int8_dynamic
 import samrepro.patches.sdpa
