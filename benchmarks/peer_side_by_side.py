@@ -8,11 +8,15 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     # here, once (after `fetch github:pytorch-labs/segment-anything-fast`):
     git clone --depth 1 file:///work/.mirror/pytorch-labs+segment-anything-fast/repo .peer/segment-anything-fast
     echo /.peer/ >> .git/info/exclude
-    # device tool, carry [".whl", ".peer"]; vit_h the same with --model vit_h, in a call of its own
-    bash benchmarks/device.sh env && PYTHONPATH=/tmp/site:$PWD/src python3 benchmarks/peer_side_by_side.py \
-        --model vit_b --saf-dir .peer/segment-anything-fast --compile-mode reduce-overhead --out $OUT/peer_vit_b.json
-    # SAF's warm-up alone took 142 s (vit_b) and 222 s (vit_h) on an H100 with reduce-overhead (its flash_4 kernel
-    # autotunes 60 configs), so give each model a call of its own and no shorter limit than ~6 / ~8 minutes.
+    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log):
+    bash benchmarks/device.sh peer --model vit_b --compile-mode reduce-overhead
+    # vit_h: BEST plus fold_attn (its faster stack), compile's coordinate-descent tuning off as in the ablations
+    bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
+        --samrepro-patches bf16,sync_free,sdpa,triton_attn,fold_attn,batched_decoder,channels_last,best_mask_only,\
+compile_decoder,compile --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
+    # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
+    # autotuning 60 configs; samrepro vit_b 143 s with compile's default coordinate-descent tuning. The vit_h call
+    # with that tuning on ran past 10 minutes inside samrepro's warm-up, hence the config above.
 
 One process, as the issue asks: SAF's import name is `segment_anything_fast` at every commit, so it cannot clash with
 the official `segment_anything`; `import_checkout` makes sure the checkout runs, not an installed copy, and takes its
@@ -58,7 +62,8 @@ CONTENDERS = ("official", "saf", "samrepro")  # run in this order: the official 
 SAF_PACKAGE = "segment_anything_fast"
 SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 MIB = 1 << 20
-# beyond.toml's compile_decoder step: the fastest stack that changes no weights (H100, vit_b 237.8 img/s, session 4)
+# beyond.toml's compile_decoder step: the fastest vit_b stack that changes no weights (H100: 244.3 img/s here against
+# SAF's 184.6, session 5); on vit_h fold_attn adds 6.7% (its ablation, session 5); on vit_b it is not yet measured
 BEST = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 
 

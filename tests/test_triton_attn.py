@@ -137,15 +137,16 @@ def interpreter_checks() -> dict:
         res["compiled"] = {"equal": all(torch.equal(o, eager) for o in outs), "count": COUNTERS.get(rpa.PATH, 0)}
         undo.run()
         res["encoder"]["undone_equal"] = torch.equal(sam.image_encoder(x), ref)
-        res["split_windows"] = split_windows_check(rpa)
+        res["split_windows"] = split_windows_check(rpa, 40)
+        res["split_windows_d16"] = split_windows_check(rpa, 32)
     return res
 
 
-def split_windows_check(rpa) -> dict:
-    """An encoder with head dim 20, one windowed and one global block, patched with split_windows: which calls
-    split (recorded at the kernel's head-dim choice) and the error against upstream."""
+def split_windows_check(rpa, embed_dim: int) -> dict:
+    """An encoder with head dim embed_dim / 2, one windowed and one global block, patched with split_windows: which
+    calls split (recorded at the kernel's head-dim choice) and the error against upstream."""
     enc = ImageEncoderViT(
-        img_size=64, patch_size=8, embed_dim=40, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
+        img_size=64, patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
         use_rel_pos=True, out_chans=16,
     ).eval()  # fmt: skip
     for p in enc.parameters():
@@ -189,6 +190,7 @@ def test_split_head_dim_matches_reference(interp, case):
 def test_split_windows_splits_windowed_blocks_only(interp):
     check = interp["split_windows"]
     assert check["splits"] == [True, False]  # block 0 windowed, block 1 global
+    assert interp["split_windows_d16"]["splits"] == [False, False]  # a power-of-two head dim has nothing to split
     assert check["rel_err"] <= 1e-5
 
 

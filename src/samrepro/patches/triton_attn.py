@@ -30,9 +30,10 @@ class TritonAttnConfig(PatchConfig):
     num_warps: int = 0
     num_stages: int = 0
     # Windowed blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to
-    # 128). H100 sweep (reports/h100-session4): vit_h windows 1.395 ms split at 128x32 vs 1.64 padded; global
-    # blocks split were slower (10.8 vs 9.5 ms), so they stay padded. Not yet measured in the full model.
-    split_windows: bool = False
+    # 128); power-of-two head dims (vit_b, vit_l: 64) are never split. H100 (reports/h100-session5), vit_h bs16 in
+    # the full model: window layers 1.34 ms split vs 1.60 padded, 55.97 -> 57.69 img/s. Global blocks split were
+    # slower (10.8 vs 9.5 ms, session 4), so they stay padded.
+    split_windows: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -79,7 +80,8 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
     for _, block in layers:  # `config.blocks()` are the kernel's launch blocks, not these
-        split = config.split_windows and block.window_size > 0
+        head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
+        split = config.split_windows and block.window_size > 0 and head_dim & (head_dim - 1) != 0
         undo.setattr(block.attn, "forward", _bind(block.attn, config.blocks(), split))
 
 
