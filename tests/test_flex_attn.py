@@ -24,27 +24,10 @@ from samrepro.patches import flex_attn
 from samrepro.patches._relpos import rel_pos_bias, rel_pos_terms
 from samrepro.patches.compile import CompileConfig, knobs_for
 from samrepro.patches.flex_attn import FlexAttnConfig
+from tests.attention_blocks import gen, rel_err
+from tests.attention_blocks import rel_pos_block as block
 
 REL_TOL = 1e-5  # fp32 CPU: measured <= 1.4e-7 of the output's max magnitude (the cases below), as sdpa's test
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return ((ref - out).abs().max() / ref.abs().max()).item()
-
-
-def block(dim: int, heads: int, window: int, hw: tuple[int, int], seed: int = 0) -> ie.Block:
-    """An upstream encoder block with random rel-pos tables (upstream zero-initialises them)."""
-    size = (window, window) if window else hw
-    blk = ie.Block(dim=dim, num_heads=heads, use_rel_pos=True, window_size=window, input_size=size).eval()
-    with torch.no_grad():
-        for table, s in ((blk.attn.rel_pos_h, seed), (blk.attn.rel_pos_w, seed + 1)):
-            table.copy_(torch.randn(table.shape, generator=gen(s)) * 0.5)
-    return blk
 
 
 def patch_block(blk: ie.Block) -> Undo:

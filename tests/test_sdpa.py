@@ -20,25 +20,9 @@ from samrepro.patches import sdpa
 from samrepro.patches._relpos import rel_pos_bias, rel_pos_terms
 from samrepro.registry import apply_patches, get_patch
 from samrepro.workload import Sample
+from tests.attention_blocks import gen, randomize_rel_pos, rel_err
 
 REL_TOL = 1e-5  # fp32 CPU: measured <= 1e-6 of the output's max magnitude
-
-
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return ((ref - out).abs().max() / ref.abs().max()).item()
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randomize_rel_pos(attn: ie.Attention, seed: int = 0) -> ie.Attention:
-    """Upstream zero-initialises the tables; make the bias matter."""
-    with torch.no_grad():
-        attn.rel_pos_h.copy_(torch.randn(attn.rel_pos_h.shape, generator=gen(seed)) * 0.5)
-        attn.rel_pos_w.copy_(torch.randn(attn.rel_pos_w.shape, generator=gen(seed + 1)) * 0.5)
-    return attn
 
 
 def with_forward(module, fn):
