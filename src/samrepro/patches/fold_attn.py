@@ -8,7 +8,8 @@ cuDNN with the bias built (reports/h100-session3, -session4; bs16, one layer, q'
 windows it lost (3.1 vs 1.4-1.6 ms: 196 keys do not amortize the wider head), hence `blocks`, which picks the blocks
 it takes over; stacked after triton_attn it replaces the kernel on those blocks only. v keeps its head dim.
 In the compiled vit_h encoder on the H100 (reports/h100-session5, bs16) a global layer took 5.2 ms against 10.4 for
-the padded kernel, inductor fusing the q'/k' construction: 57.7 -> 61.6 img/s end to end.
+the padded kernel, inductor fusing the q'/k' construction: 57.7 -> 61.6 img/s end to end. On a 2-core CPU (bf16,
+eager) a vit_b global layer took 1.50 s folded against 0.50 s for sdpa with the bias: a CUDA optimization.
 """
 
 from __future__ import annotations
