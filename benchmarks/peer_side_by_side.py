@@ -27,7 +27,9 @@ Differences that stay, from SAF's own protocol (experiments/eval_combo.py, data.
 - SAF's nested decoder computes and upsamples 4 masks per prompt; the best of masks 1..3 is kept, as for the others
   (SAF's benchmark took the best of all 4).
 - SAF's flash_4 kernel autotunes during the warm-up on non-A100 GPUs and pickles its choice into the cwd, so every
-  contender runs in a temporary cwd. SAF's int8 step needs `apply_dynamic_quant`, gone from torchao 0.18.
+  contender runs in a temporary cwd; `--saf-configs-dir` keeps SAF's (device.sh carries it between calls through
+  `.peer/saf_configs/`), and the JSON says whether the choice was reused or autotuned. The warm-up is never timed.
+- SAF's int8 step needs `apply_dynamic_quant`, gone from torchao 0.18.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from samrepro.workload import Sample
 CONTENDERS = ("official", "saf", "samrepro")  # run in this order: the official masks are the reference
 SAF_PACKAGE = "segment_anything_fast"
 SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
+FLASH_4_CONFIGS = "flash_4_configs.p"  # SAF's flash_4 keeps its autotuned choice in this file of the cwd
 MIB = 1 << 20
 # beyond.toml's compile_decoder step: the fastest vit_b stack that changes no weights (H100: 244.3 img/s here against
 # SAF's 184.6, session 5); on vit_h fold_attn adds 6.7% (its ablation, session 5); on vit_b it is not yet measured
@@ -142,6 +145,8 @@ def saf_contender(args, device: torch.device, info: dict):
             "(SEGMENT_ANYTHING_FAST_USE_FLASH_4=0 runs its SDPA fallback, which is then not its fast model)"
         )
     saf = import_checkout(args.saf_dir)
+    reused = Path(FLASH_4_CONFIGS).is_file()  # in the cwd, where flash_4 reads and writes it
+    info["flash_4_configs"] = f"reused from {Path.cwd()}" if reused else "autotuned in the warm-up"
     sam = saf.sam_model_registry[args.model]()  # fp32, uncompiled, SAF's modules
     sam.load_state_dict(load_model(args.model, "cpu", "random", args.seed)[0].state_dict())  # strict: same names
     builders = importlib.import_module(f"{saf.__name__}.build_sam")  # `saf.build_sam` is a function
@@ -198,13 +203,21 @@ def build(name: str, args, device: torch.device, record: dict):
     )
 
 
+def contender_cwd(name: str, args):
+    """A temporary cwd; SAF's is --saf-configs-dir when given, so flash_4's pickled choice outlives the run."""
+    if name == "saf" and args.saf_configs_dir is not None:
+        args.saf_configs_dir.mkdir(parents=True, exist_ok=True)
+        return contextlib.nullcontext(args.saf_configs_dir)
+    return tempfile.TemporaryDirectory()
+
+
 def run_contender(name: str, samples: list[Sample], args, device: torch.device) -> tuple[dict, list[Masks] | None]:
     """One contender's record (status ok / skipped / failed with the reason) and its best masks."""
     record: dict = {"contender": name, "status": "ok", "reason": None}
     if device.type == "cuda":
         record["resident_before_mib"] = torch.cuda.memory_allocated(device) / MIB  # left by earlier contenders
     try:
-        with tempfile.TemporaryDirectory() as cwd, contextlib.chdir(cwd):
+        with contender_cwd(name, args) as cwd, contextlib.chdir(cwd):
             stats, masks = measure(*build(name, args, device, record), samples, args, device)
         return record | stats, masks
     except PatchUnavailable as e:  # cannot run here: the message is the reason
@@ -254,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     modes = ("max-autotune", "reduce-overhead", "default", "none")
     p.add_argument("--compile-mode", choices=modes, default="max-autotune", help="SAF's and samrepro's encoder")
     p.add_argument("--saf-decoder", choices=("nested", "loop"), default="nested", help="SAF's NT step, or per image")
+    p.add_argument("--saf-configs-dir", type=Path, help=f"SAF's cwd, to reuse its {FLASH_4_CONFIGS} (default: temp)")
     args = p.parse_args(argv)
     args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
     args.samrepro_patches = [n for n in args.samrepro_patches.split(",") if n]
@@ -264,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "saf" in args.contenders and args.saf_dir is None:
         p.error("the saf contender needs --saf-dir")
     args.out, args.saf_dir = args.out.resolve(), args.saf_dir and args.saf_dir.resolve()  # contenders run elsewhere
+    args.saf_configs_dir = args.saf_configs_dir and args.saf_configs_dir.resolve()
     return args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,19 @@ def test_contenders_on_tiny(monkeypatch):
     assert saf["status"] == "skipped" and "CUDA only" in saf["reason"] and none is None
     text = peer.table([ref_record | {"miou_agreement": 1.0}, saf])
     assert "| official |" in text and "| saf | – |" in text
+
+
+def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
+    keep = tmp_path / "saf_configs"
+    args = peer.parse_args(["--model", "vit_b", "--out", "x", "--saf-dir", ".", "--saf-configs-dir", str(keep)])
+    assert args.saf_configs_dir == keep.resolve()
+    with peer.contender_cwd("saf", args) as cwd:
+        (cwd / peer.FLASH_4_CONFIGS).write_bytes(b"stands for flash_4's pickle")
+    assert (keep / peer.FLASH_4_CONFIGS).is_file()  # outlives the run, for the next one
+    with peer.contender_cwd("official", args) as cwd:
+        temporary = Path(cwd)
+        assert temporary.is_dir() and temporary != keep
+    assert not temporary.exists()  # removed after the contender
+    args.saf_configs_dir = None
+    with peer.contender_cwd("saf", args) as cwd:
+        assert Path(cwd) != keep
