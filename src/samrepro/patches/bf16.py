@@ -1,7 +1,9 @@
-"""bf16: image encoder, prompt encoder and mask decoder in bfloat16 (SAF step 2, REFERENCE §3.2)."""
+"""bf16: image encoder, prompt encoder and mask decoder in bfloat16 (SAF step 2, REFERENCE §3.2); optionally the
+prompt encoder and mask decoder stay in fp32."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from types import MethodType
@@ -15,18 +17,25 @@ from samrepro.registry import register_patch
 
 MODEL_DTYPE = torch.bfloat16
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DECODER_MODES = ("bfloat16", "float32", "tf32")
 
 
 @dataclass(frozen=True)
 class Bf16Config(PatchConfig):
     """coords_fp32: prompt coordinates and positional-encoding math in fp32, result cast to bf16
     (False: everything in bf16, as SAF did; its coords then have 2-4 px spacing at 512-1024 px).
-    output_dtype: dtype of the mask decoder's low-res masks and IoU predictions."""
+    output_dtype: dtype of the mask decoder's low-res masks and IoU predictions.
+    decoder: precision of the prompt encoder and mask decoder: "bfloat16" (SAF), "float32" (their weights stay
+    fp32 and the bf16 image embeddings are upcast, exactly), or "tf32" (as float32, with TF32 matmuls and
+    convolutions switched on only around the decoder call)."""
 
     coords_fp32: bool = True
     output_dtype: str = "float32"
+    decoder: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODER_MODES:
+            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
         if self.output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
 
@@ -70,17 +79,38 @@ def _image_encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x.to(MODEL_DTYPE))  # sam.preprocess gives fp32; output stays bf16
 
 
+@contextlib.contextmanager
+def tf32_scope():
+    """TF32 matmuls and cuDNN convolutions on inside the block, the caller's settings restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _mask_decoder_forward(
-    self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output, *, out_dtype
+    self,
+    image_embeddings,
+    image_pe,
+    sparse_prompt_embeddings,
+    dense_prompt_embeddings,
+    multimask_output,
+    *,
+    dtype,
+    out_dtype,
+    tf32,
 ):
-    masks, iou_pred = type(self).forward(
-        self,
-        image_embeddings.to(MODEL_DTYPE),
-        image_pe.to(MODEL_DTYPE),
-        sparse_prompt_embeddings.to(MODEL_DTYPE),
-        dense_prompt_embeddings.to(MODEL_DTYPE),
-        multimask_output,
-    )
+    with tf32_scope() if tf32 else contextlib.nullcontext():
+        masks, iou_pred = type(self).forward(
+            self,
+            image_embeddings.to(dtype),
+            image_pe.to(dtype),
+            sparse_prompt_embeddings.to(dtype),
+            dense_prompt_embeddings.to(dtype),
+            multimask_output,
+        )
     # fp32 by default: SamPredictor.predict calls .numpy(), which has no bf16 (the upcast is exact)
     return masks.to(out_dtype), iou_pred.to(out_dtype)
 
@@ -95,15 +125,9 @@ def park_on_host(tensors: list[torch.Tensor], undo: Undo) -> None:
             undo.on_undo(lambda t=t, device=device: setattr(t, "data", t.data.to(device)))
 
 
-def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
-    parts = (sam.image_encoder, sam.prompt_encoder, sam.mask_decoder)  # pixel_mean/std stay fp32
-    originals = [t for part in parts for t in (*part.parameters(), *part.buffers())]
-    for part in parts:
-        undo.replace_tensors(part, lambda t: t.to(MODEL_DTYPE))
-    park_on_host(originals, undo)
-    compute = torch.float32 if config.coords_fp32 else MODEL_DTYPE
-    out_dtype = OUTPUT_DTYPES[config.output_dtype]
-
+def _cast_prompt_encoder(sam: Sam, coords_fp32: bool, undo: Undo) -> None:
+    """The prompt encoder's bf16 forwards; its weights are cast with the encoder's."""
+    compute = torch.float32 if coords_fp32 else MODEL_DTYPE
     pe = sam.prompt_encoder.pe_layer
     undo.setattr(pe, "forward", MethodType(lambda self, size: _pe_dense(self, size, compute), pe))
     undo.setattr(
@@ -112,10 +136,24 @@ def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
         MethodType(lambda self, coords, size: _pe_with_coords(self, coords, size, compute), pe),
     )
     undo.setattr(sam.prompt_encoder, "forward", MethodType(_prompt_encoder_forward, sam.prompt_encoder))
+
+
+def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
+    low = config.decoder == "bfloat16"
+    parts = (sam.image_encoder, sam.prompt_encoder, sam.mask_decoder) if low else (sam.image_encoder,)
+    originals = [t for part in parts for t in (*part.parameters(), *part.buffers())]  # pixel_mean/std stay fp32
+    for part in parts:
+        undo.replace_tensors(part, lambda t: t.to(MODEL_DTYPE))
+    park_on_host(originals, undo)
+    if low:
+        _cast_prompt_encoder(sam, config.coords_fp32, undo)
     undo.setattr(sam.image_encoder, "forward", MethodType(_image_encoder_forward, sam.image_encoder))
 
+    dtype = MODEL_DTYPE if low else torch.float32
+    out_dtype, tf32 = OUTPUT_DTYPES[config.output_dtype], config.decoder == "tf32"
+
     def decoder_forward(self, *args, **kwargs):
-        return _mask_decoder_forward(self, *args, **kwargs, out_dtype=out_dtype)
+        return _mask_decoder_forward(self, *args, **kwargs, dtype=dtype, out_dtype=out_dtype, tf32=tf32)
 
     undo.setattr(sam.mask_decoder, "forward", MethodType(decoder_forward, sam.mask_decoder))
 
