@@ -17,7 +17,7 @@ from samrepro.registry import register_patch
 
 MODEL_DTYPE = torch.bfloat16
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DECODER_MODES = ("bfloat16", "float32", "tf32")
+DECODER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "tf32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,17 @@ class Bf16Config(PatchConfig):
     """coords_fp32: prompt coordinates and positional-encoding math in fp32, result cast to bf16
     (False: everything in bf16, as SAF did; its coords then have 2-4 px spacing at 512-1024 px).
     output_dtype: dtype of the mask decoder's low-res masks and IoU predictions.
-    decoder: precision of the prompt encoder and mask decoder: "bfloat16" (SAF), "float32" (their weights stay
-    fp32 and the bf16 image embeddings are upcast, exactly), or "tf32" (as float32, with TF32 matmuls and
-    convolutions switched on only around the decoder call)."""
+    decoder: precision of the prompt encoder and mask decoder: "bfloat16" (SAF), "float16", "float32" (their
+    weights stay fp32 and the bf16 image embeddings are upcast, exactly), or "tf32" (as float32, with TF32 matmuls
+    and convolutions switched on only around the decoder call). coords_fp32 applies to the 16-bit ones."""
 
     coords_fp32: bool = True
     output_dtype: str = "float32"
     decoder: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.decoder not in DECODER_MODES:
-            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
+        if self.decoder not in DECODER_DTYPES:
+            raise ValueError(f"decoder must be one of {sorted(DECODER_DTYPES)}, got {self.decoder!r}")
         if self.output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
 
@@ -47,32 +47,38 @@ def pe_encoding(pe: PositionEmbeddingRandom, coords: torch.Tensor, dtype: torch.
     return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)  # ..., C
 
 
-def _pe_dense(self: PositionEmbeddingRandom, size: tuple[int, int], compute_dtype: torch.dtype) -> torch.Tensor:
-    """Upstream `PositionEmbeddingRandom.forward` with the grid built in `compute_dtype`; bf16 out."""
+def _pe_dense(
+    self: PositionEmbeddingRandom, size: tuple[int, int], compute_dtype: torch.dtype, dtype: torch.dtype
+) -> torch.Tensor:
+    """Upstream `PositionEmbeddingRandom.forward` with the grid built in `compute_dtype`; `dtype` out."""
     h, w = size
     grid = torch.ones((h, w), device=self.positional_encoding_gaussian_matrix.device, dtype=compute_dtype)
     y_embed = (grid.cumsum(dim=0) - 0.5) / h
     x_embed = (grid.cumsum(dim=1) - 0.5) / w
     pe = pe_encoding(self, torch.stack([x_embed, y_embed], dim=-1), compute_dtype)  # H, W, C
-    return pe.permute(2, 0, 1).to(MODEL_DTYPE)  # C, H, W
+    return pe.permute(2, 0, 1).to(dtype)  # C, H, W
 
 
 def _pe_with_coords(
-    self: PositionEmbeddingRandom, coords_input: torch.Tensor, image_size: tuple[int, int], compute_dtype: torch.dtype
+    self: PositionEmbeddingRandom,
+    coords_input: torch.Tensor,
+    image_size: tuple[int, int],
+    compute_dtype: torch.dtype,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Upstream `forward_with_coords` (pixels -> [0, 1] -> PE) computed in `compute_dtype`; bf16 out."""
+    """Upstream `forward_with_coords` (pixels -> [0, 1] -> PE) computed in `compute_dtype`; `dtype` out."""
     coords = coords_input.to(compute_dtype)  # B, N, 2; upstream casts to fp32 here too (AMG passes fp64)
     coords = torch.stack([coords[..., 0] / image_size[1], coords[..., 1] / image_size[0]], dim=-1)  # x/W, y/H
-    return pe_encoding(self, coords, compute_dtype).to(MODEL_DTYPE)  # B, N, C
+    return pe_encoding(self, coords, compute_dtype).to(dtype)  # B, N, C
 
 
-def _prompt_encoder_forward(self, points, boxes, masks):
-    """Upstream forward on bf16 mask input; its fp32 `torch.empty` seed promotes the sparse cat, so cast back
-    (exact: every value in it came from bf16)."""
+def _prompt_encoder_forward(self, points, boxes, masks, *, dtype):
+    """Upstream forward on 16-bit mask input; its fp32 `torch.empty` seed promotes the sparse cat, so cast back
+    (exact: every value in it came from `dtype`)."""
     if masks is not None:
-        masks = masks.to(MODEL_DTYPE)
+        masks = masks.to(dtype)
     sparse, dense = type(self).forward(self, points, boxes, masks)
-    return sparse.to(MODEL_DTYPE), dense
+    return sparse.to(dtype), dense
 
 
 def _image_encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,31 +131,39 @@ def park_on_host(tensors: list[torch.Tensor], undo: Undo) -> None:
             undo.on_undo(lambda t=t, device=device: setattr(t, "data", t.data.to(device)))
 
 
-def _cast_prompt_encoder(sam: Sam, coords_fp32: bool, undo: Undo) -> None:
-    """The prompt encoder's bf16 forwards; its weights are cast with the encoder's."""
-    compute = torch.float32 if coords_fp32 else MODEL_DTYPE
+def _cast(parts: tuple[torch.nn.Module, ...], dtype: torch.dtype, undo: Undo) -> list[torch.Tensor]:
+    """Every parameter and buffer of `parts` replaced by a `dtype` copy; the originals, for undo."""
+    originals = [t for part in parts for t in (*part.parameters(), *part.buffers())]
+    for part in parts:
+        undo.replace_tensors(part, lambda t: t.to(dtype))
+    return originals
+
+
+def _prompt_encoder_forwards(sam: Sam, coords_fp32: bool, dtype: torch.dtype, undo: Undo) -> None:
+    """The prompt encoder's forwards for its `dtype` (16-bit) weights."""
+    compute = torch.float32 if coords_fp32 else dtype
     pe = sam.prompt_encoder.pe_layer
-    undo.setattr(pe, "forward", MethodType(lambda self, size: _pe_dense(self, size, compute), pe))
+    undo.setattr(pe, "forward", MethodType(lambda self, size: _pe_dense(self, size, compute, dtype), pe))
     undo.setattr(
         pe,
         "forward_with_coords",
-        MethodType(lambda self, coords, size: _pe_with_coords(self, coords, size, compute), pe),
+        MethodType(lambda self, coords, size: _pe_with_coords(self, coords, size, compute, dtype), pe),
     )
-    undo.setattr(sam.prompt_encoder, "forward", MethodType(_prompt_encoder_forward, sam.prompt_encoder))
+
+    def prompt_forward(self, points, boxes, masks):
+        return _prompt_encoder_forward(self, points, boxes, masks, dtype=dtype)
+
+    undo.setattr(sam.prompt_encoder, "forward", MethodType(prompt_forward, sam.prompt_encoder))
 
 
 def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
-    low = config.decoder == "bfloat16"
-    parts = (sam.image_encoder, sam.prompt_encoder, sam.mask_decoder) if low else (sam.image_encoder,)
-    originals = [t for part in parts for t in (*part.parameters(), *part.buffers())]  # pixel_mean/std stay fp32
-    for part in parts:
-        undo.replace_tensors(part, lambda t: t.to(MODEL_DTYPE))
+    dtype = DECODER_DTYPES[config.decoder]
+    originals = _cast((sam.image_encoder,), MODEL_DTYPE, undo)  # pixel_mean/std stay fp32
+    if dtype != torch.float32:
+        originals += _cast((sam.prompt_encoder, sam.mask_decoder), dtype, undo)
+        _prompt_encoder_forwards(sam, config.coords_fp32, dtype, undo)
     park_on_host(originals, undo)
-    if low:
-        _cast_prompt_encoder(sam, config.coords_fp32, undo)
     undo.setattr(sam.image_encoder, "forward", MethodType(_image_encoder_forward, sam.image_encoder))
-
-    dtype = MODEL_DTYPE if low else torch.float32
     out_dtype, tf32 = OUTPUT_DTYPES[config.output_dtype], config.decoder == "tf32"
 
     def decoder_forward(self, *args, **kwargs):
