@@ -14,6 +14,8 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
         --samrepro-patches bf16,sync_free,sdpa,triton_attn,fold_attn,batched_decoder,channels_last,best_mask_only,\
 compile_decoder,compile --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
+    # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
+    # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/h100-session6).
     # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
     # autotuning 60 configs; samrepro vit_b 143 s with compile's default coordinate-descent tuning. The vit_h call
     # with that tuning on ran past 10 minutes inside samrepro's warm-up, hence the config above.
@@ -275,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.compile_mode == "none":
             p.error("--compile-mode none: drop compile from --samrepro-patches")
         args.samrepro_configs.setdefault("compile", {}).setdefault("mode", args.compile_mode)
+    if "samrepro" in args.contenders and "bf16" in args.samrepro_patches:  # as in the blog plans (session 6)
+        args.samrepro_configs.setdefault("bf16", {}).setdefault("decoder", "float16")
     if "saf" in args.contenders and args.saf_dir is None:
         p.error("the saf contender needs --saf-dir")
     args.out, args.saf_dir = args.out.resolve(), args.saf_dir and args.saf_dir.resolve()  # contenders run elsewhere

@@ -57,10 +57,23 @@ def test_checkout_info_fingerprints_the_package(tmp_path):
     assert peer.checkout_info(root, "fake_saf")["package_sha256"] != first["package_sha256"]
 
 
-def test_parse_args_scopes_the_compile_mode():
+def test_parse_args_fills_compile_mode_and_decoder_defaults():
     args = peer.parse_args(["--model", "vit_b", "--out", "x.json", "--contenders", "samrepro,official"])
     assert args.contenders == ["official", "samrepro"]  # the reference runs first
-    assert args.samrepro_configs == {"compile": {"mode": "max-autotune"}}
+    assert args.samrepro_configs == {"compile": {"mode": "max-autotune"}, "bf16": {"decoder": "float16"}}
+    args = peer.parse_args(
+        [
+            "--model",
+            "vit_b",
+            "--out",
+            "x",
+            "--contenders",
+            "samrepro",
+            "--samrepro-configs",
+            '{"bf16": {"decoder": "bfloat16"}}',
+        ]
+    )
+    assert args.samrepro_configs["bf16"] == {"decoder": "bfloat16"}  # an explicit decoder wins
     args = peer.parse_args(
         ["--model", "vit_b", "--out", "x.json", "--contenders", "official", "--compile-mode", "reduce-overhead"]
         + ["--samrepro-configs", '{"compile": {"mode": "default"}}']
