@@ -1,5 +1,5 @@
 """bf16: image encoder, prompt encoder and mask decoder in bfloat16 (SAF step 2, REFERENCE §3.2); optionally the
-prompt encoder and mask decoder stay in fp32."""
+prompt encoder and mask decoder run in fp16 or stay in fp32 (config `decoder`)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
 #   bfloat16 0.952, float16 0.989 (under the blog stack; 192.8 img/s against 192.7 with bf16 in session 3),
 #   float32 0.985 / tf32 0.985 alone; under beyond's stack 239.0 img/s with bf16, 239.7 fp16, 201.3 tf32, 176.5
 #   fp32: the decoder's (prompts, 4096, 256) activations make it memory-bound, so 4-byte values cost, fp16 does not.
-#   CPU, on the same bf16 embeddings: the fp16 decoder's logits 55.7 dB from the fp32 decoder's, bf16's 37.8 dB.
+#   CPU, random tiny, same bf16 embeddings (tests/test_bf16.py): fp16 decoder logits 55.7 dB from fp32's, bf16 37.8.
 #   CPU, shipped trained tiny, the 48-image validation subset: agreement 0.990 (bf16 decoder) -> 0.995 (fp16).
 #   The bf16 patch keeps SAF's bf16 decoder by default; the plans choose fp16. The tolerance covers both.
 TOLERANCE = Tolerance(agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05)
