@@ -27,10 +27,13 @@ def image():
 
 
 @torch.no_grad()
-def torch_outputs(sam, image, **prompts):
-    """predict_torch on a point batch (2 prompts of 2 points each), plus the features."""
+def torch_outputs(sam, image, features=None, **prompts):
+    """predict_torch on a point batch (2 prompts of 2 points each), plus the features (`features`: used instead of
+    the image's own)."""
     predictor = SamPredictor(sam)
     predictor.set_image(image)
+    if features is not None:
+        predictor.features = features
     coords = torch.from_numpy(np.stack([POINTS, POINTS[::-1]])).float().to(predictor.device)
     coords = predictor.transform.apply_coords_torch(coords, image.shape[:2])
     labels = torch.from_numpy(np.stack([LABELS, LABELS])).to(predictor.device)
@@ -193,15 +196,9 @@ def test_fp32_decoder_is_the_official_decoder_on_the_bf16_embeddings(sam, image)
     gives the very same masks and scores."""
     twin = copy.deepcopy(sam)
     bf16.PATCH.apply(sam, bf16.Bf16Config(decoder="float32"))
-    features, masks, iou, low_res = torch_outputs(sam, image)
-    predictor = SamPredictor(twin)
-    predictor.set_image(image)
-    predictor.features = features.float()
-    coords = torch.from_numpy(np.stack([POINTS, POINTS[::-1]])).float()
-    coords = predictor.transform.apply_coords_torch(coords, image.shape[:2])
-    labels = torch.from_numpy(np.stack([LABELS, LABELS]))
-    ref = predictor.predict_torch(coords, labels, multimask_output=True)
-    assert torch.equal(masks, ref[0]) and torch.equal(iou, ref[1]) and torch.equal(low_res, ref[2])
+    features, *outputs = torch_outputs(sam, image)
+    _, *reference = torch_outputs(twin, image, features=features.float())
+    assert all(torch.equal(a, b) for a, b in zip(outputs, reference, strict=True))
 
 
 @torch.no_grad()
