@@ -24,10 +24,12 @@ from samrepro.patches import bf16
 DECODER_PARTS = ("transformer", "output_upscaling", "output_hypernetworks_mlps", "iou_prediction_head")
 
 
-def decode(sam: Sam, features: torch.Tensor, samples: list[workload.Sample]) -> list[workload.Prediction]:
-    """`predict_torch` per image on given embeddings (B, C, h, w)."""
+def decode(
+    sam: Sam, features: torch.Tensor, samples: list[workload.Sample], sizes: tuple[list, list]
+) -> list[workload.Prediction]:
+    """`predict_torch` per image on given embeddings (B, C, h, w); `sizes`: input and original sizes per image."""
     cpu = torch.device("cpu")
-    _, input_sizes, original_sizes = workload.preprocess(sam, samples, cpu)
+    input_sizes, original_sizes = sizes
     predictor = SamPredictor(sam)
     return [
         workload.predict_image(
@@ -77,10 +79,12 @@ def main() -> None:
             fp32_island(getattr(twin.mask_decoder, name))
         return twin
 
-    emb16, _ = workload.run(patched("bfloat16"), samples)
+    saf = patched("bfloat16")
+    emb16, _ = workload.run(saf, samples)
+    sizes = workload.preprocess(sam, samples, torch.device("cpu"))[1:]
     rows = {
-        "bf16 encoder, bf16 decoder (SAF)": (patched("bfloat16"), emb16),
-        "fp32 encoder, bf16 decoder": (patched("bfloat16"), emb32),
+        "bf16 encoder, bf16 decoder (SAF)": (saf, emb16),
+        "fp32 encoder, bf16 decoder": (saf, emb32),
         "bf16 encoder, bf16 decoder with fp32 submodules": (patched("bfloat16", islands=True), emb16),
         "bf16 encoder, fp16 decoder": (patched("float16"), emb16),
         "bf16 encoder, fp32 decoder": (patched("float32"), emb16),
@@ -88,7 +92,7 @@ def main() -> None:
     result = {"model": args.model, "images": args.images, "embedding_sqnr_db": sqnr_db(emb32, emb16.float())}
     print(f"{args.model}, {args.images} images x 8 prompts, bf16 embeddings {result['embedding_sqnr_db']:.1f} dB")
     for label, (model, features) in rows.items():
-        result[label] = agreement(ref, decode(model, features, samples))
+        result[label] = agreement(ref, decode(model, features, samples, sizes))
         print(f"{label:<50} agreement {result[label]:.4f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
