@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -34,7 +35,12 @@ QUICK_MODELS = {"vit_b": (2, 64), "vit_h": (2, 80)}
 GRIDS = {"window": 14, "global": 64}  # tokens per side; 25 windows per image at 1024 px
 QUICK_GRIDS = {"window": 6, "global": 12}
 DTYPE = torch.bfloat16
-TRITON_BLOCKS = ((0, 0), (64, 32), (64, 64), (128, 32), (128, 64), (128, 128))  # (0, 0): the kernel's table
+# the kernel's launch sweep, BLOCK_M x BLOCK_N x warps x stages per grid kind, each run with both bias modes
+SWEEP = {
+    "window": "64x32x4x2,128x32x4x2,64x64x4x2,128x64x8x2,64x256x4x1,64x256x8x1,128x256x8x1,32x32x2x2,64x32x4x3",
+    "global": "64x64x4x3,128x64x8x3,128x64x4x3,128x128x8x3,64x64x4x4,128x32x4x3",
+}
+BIAS_MODES = ("gather", "onehot")  # samrepro.kernels.rel_pos_attention.BIAS_MODES, without importing Triton here
 
 
 class Skip(Exception):
@@ -76,11 +82,18 @@ def sdpa_bias(backend):
     return run
 
 
-def triton(block_m, block_n, split=False):
+def triton(blocks=(0, 0, 0, 0), split=False, bias="", grid=None):
+    """The kernel with these launch parameters (0: the table's); `grid` limits it to one key grid (window 14 |
+    global 64), and a split head dim runs only where it is not a power of two (elsewhere it equals the padded run)."""
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton)
 
     def run(q, k, v, rel_h, rel_w, scale):
-        return torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, block_m, block_n, 0, 0, split)
+        if grid is not None and rel_w.shape[-1] != grid:
+            raise Skip(f"a config for the {grid}-wide grid")
+        d = q.shape[-1]
+        if split and d & (d - 1) == 0:
+            raise Skip(f"head dim {d} is a power of two: split == padded")
+        return torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, *blocks, split, bias)
 
     return run
 
@@ -123,7 +136,7 @@ def fold(backend, pad_v=False):
     return run
 
 
-def methods(device: str, flex_autotune: bool) -> dict:
+def methods(device: str, flex_autotune: bool, sweep: dict, grids: dict) -> dict:
     """name -> a function to build the method (raising Skip with the reason when it cannot run here)."""
 
     def cuda_only(build, why):
@@ -141,11 +154,15 @@ def methods(device: str, flex_autotune: bool) -> dict:
         "sdpa+bias[efficient]": cuda_only(lambda: sdpa_bias(SDPBackend.EFFICIENT_ATTENTION), pin),
         "sdpa+bias[cudnn]": cuda_only(lambda: sdpa_bias(SDPBackend.CUDNN_ATTENTION), pin),
     }
-    for bm, bn in TRITON_BLOCKS:
-        name = "triton[table]" if bm == 0 else f"triton[{bm}x{bn}]"
-        out[name] = cuda_only(lambda bm=bm, bn=bn: triton(bm, bn), "samrepro::rel_pos_attention runs on CUDA only")
+    cuda = "samrepro::rel_pos_attention runs on CUDA only"
+    out["triton[table]"] = cuda_only(triton, cuda)
     # the head dim split into a power of two and a tail (vit_h: 64 + 16) instead of padded; its own table
-    out["triton-split[table]"] = cuda_only(lambda: triton(0, 0, True), "samrepro::rel_pos_attention runs on CUDA only")
+    out["triton-split[table]"] = cuda_only(lambda: triton(split=True), cuda)
+    for kind, configs in sweep.items():
+        for cfg, bias, split in product(configs.split(",") if configs else [], BIAS_MODES, (False, True)):
+            blocks = tuple(int(x) for x in cfg.split("x"))
+            name = f"triton{'-split' if split else ''}[{kind} {cfg} {bias}]"
+            out[name] = cuda_only(lambda b=blocks, s=split, m=bias, g=grids[kind]: triton(b, s, m, g), cuda)
     out["flex"] = lambda: flex("default")
     if flex_autotune:
         out["flex[max-autotune]"] = lambda: flex("max-autotune-no-cudagraphs")
@@ -243,6 +260,8 @@ def main() -> None:
     parser.add_argument("--methods", default="*", help="comma-separated shell patterns, e.g. 'flex*,fold*'")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=25)
+    for kind, configs in SWEEP.items():
+        parser.add_argument(f"--{kind}-configs", default=configs, help="the kernel's sweep: BMxBNxWARPSxSTAGES,...")
     parser.add_argument("--flex-autotune", action="store_true", help="also flex with max-autotune (slow compile)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, batch 1, 1 warm-up, 3 calls (smoke test)")
     args = parser.parse_args()
@@ -253,9 +272,10 @@ def main() -> None:
     fp32_reference_mode()
     start = time.perf_counter()
     patterns = args.methods.split(",")
+    sweep = {kind: getattr(args, f"{kind}_configs") for kind in SWEEP}
     makers = {
         n: m
-        for n, m in methods(args.device, args.flex_autotune).items()
+        for n, m in methods(args.device, args.flex_autotune, sweep, grids).items()
         if any(fnmatch.fnmatch(n, p) for p in patterns)
     }
     # inductor's CPU flex kernel bakes the thread count in, and its disk cache does not key on it: pin it

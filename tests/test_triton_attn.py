@@ -77,9 +77,9 @@ def inputs(batch, heads, kh, kw, d, dtype, seed=0):
     return q, k, v, rel_h, rel_w, d**-0.5
 
 
-def case_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False) -> float:
+def case_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False, bias="") -> float:
     args = inputs(batch, heads, kh, kw, d, dtype)
-    out = torch.ops.samrepro.rel_pos_attention(*args, bm, bn, 0, 0, split)
+    out = torch.ops.samrepro.rel_pos_attention(*args, bm, bn, 0, 0, split, bias)
     ref = rpa.reference(*(t.double() for t in args[:5]), args[5])
     return (out.double() - ref).abs().max().item()
 
@@ -107,8 +107,11 @@ def interpreter_checks() -> dict:
     widen_bf16_dots()
     res = {"cases": {name: case_error(rpa, *case) for name, case in CASES.items()}}
     res["split"] = {name: case_error(rpa, *CASES[name], split=True) for name in SPLIT}
+    for bias in rpa.BIAS_MODES:
+        res[bias] = {name: case_error(rpa, *case, bias=bias) for name, case in CASES.items()}
+    res["onehot_split"] = {name: case_error(rpa, *CASES[name], split=True, bias="onehot") for name in SPLIT}
     fixed, rpa._rel_bias = rpa._rel_bias, published_rel_bias  # the interpreter looks helpers up at run time
-    res["published"] = {name: case_error(rpa, *CASES[name]) for name in PUBLISHED_INDEX}
+    res["published"] = {name: case_error(rpa, *CASES[name], bias="gather") for name in PUBLISHED_INDEX}
     rpa._rel_bias = fixed
 
     args = inputs(2, 2, 7, 7, 16, "float32")
@@ -185,6 +188,16 @@ def test_kernel_matches_materialized_bias_reference(interp, case):
 def test_split_head_dim_matches_reference(interp, case):
     err = interp["split"][case]
     assert err <= TOL[CASES[case][-1]], f"{case} split: max abs error {err:.3g}"
+
+
+BIAS_CASES = [(b, c) for b in ("gather", "onehot") for c in CASES] + [("onehot_split", c) for c in SPLIT]
+
+
+@pytest.mark.parametrize("bias, case", BIAS_CASES)
+def test_each_bias_mode_matches_reference(interp, bias, case):
+    """Per-key loads and the one-hot tensor-core dots, whatever the table picks, padded and split head dims."""
+    err = interp[bias][case]
+    assert err <= TOL[CASES[case][-1]], f"{case} {bias}: max abs error {err:.3g}"
 
 
 def test_split_windows_splits_windowed_blocks_only(interp):
@@ -281,16 +294,20 @@ def test_fake_impl_and_input_errors():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "dtype, kh, kw, d, arch, split",
+    "dtype, kh, kw, d, arch, split, bias",
     [
-        ("bf16", 64, 64, 64, 90, False),
-        ("fp16", 14, 14, 80, 80, False),
-        ("bf16", 64, 64, 80, 90, False),
-        ("bf16", 14, 14, 80, 90, True),
+        ("bf16", 64, 64, 64, 90, False, "gather"),
+        ("fp16", 14, 14, 80, 80, False, "gather"),
+        ("bf16", 64, 64, 80, 90, False, "gather"),
+        ("bf16", 14, 14, 80, 90, True, "gather"),
+        ("fp16", 14, 14, 80, 80, False, "onehot"),
+        ("bf16", 14, 14, 64, 90, False, "onehot"),
+        ("bf16", 14, 14, 80, 90, True, "onehot"),
     ],
-    ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90", "vit_h_window_split_sm90"],
-)
-def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split):
+    ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90", "vit_h_window_split_sm90", "onehot_h_win_sm80",
+         "onehot_b_win_sm90", "onehot_h_win_split_sm90"],
+)  # fmt: skip
+def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split, bias):
     """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -300,8 +317,11 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     kernel = rpa._rel_pos_attention_fwd
     bm, bn, warps, stages = rpa.default_blocks(kh * kw, d, 4 if dtype == "fp32" else 2, split)
     block_d, block_t = rpa.head_blocks(d, split)
+    precision = "ieee" if dtype == "fp32" else None
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
-    consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": "ieee" if dtype == "fp32" else None}
+    consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
+    consts |= {"ONEHOT": bias == "onehot", "KHP": max(16, triton.next_power_of_2(kh)), "REL_PRECISION": precision}
+    consts |= {"KWP": max(16, triton.next_power_of_2(kw))}
     scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})

@@ -44,6 +44,14 @@ def default_blocks(n_k: int, head_dim: int, itemsize: int, split: bool = False) 
     return 128, 64, 8, 3
 
 
+BIAS_MODES = ("gather", "onehot")
+
+
+def default_bias(kh: int, kw: int, block_n: int) -> str:
+    """PROVISIONAL until measured: per-key loads everywhere (the kernel as sessions 3-6 ran it)."""
+    return "gather"
+
+
 @triton.jit
 def _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr):
     """fp32 (BLOCK_M, BLOCK_N) bias rel_h[q, key // KW] + rel_w[q, key % KW] of the keys start_n + offs_n."""
@@ -59,6 +67,19 @@ def _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH: tl.constexpr, KW: tl.
 
 
 @triton.jit
+def _onehot_bias(
+    rh_t, rw_t, start_n, offs_n, KW: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr, PRECISION: tl.constexpr
+):
+    """The same bias on the tensor cores: rel_h (BLOCK_M, KHP) @ onehot(key row) + rel_w @ onehot(key column),
+    from rel tiles loaded once per program (columns past KH | KW are zero). Exact: one nonzero product per sum."""
+    key = start_n + offs_n
+    row = tl.where(tl.arange(0, KHP)[:, None] == (key // KW)[None, :], 1.0, 0.0).to(rh_t.dtype)  # KHP, BLOCK_N
+    col = tl.where(tl.arange(0, KWP)[:, None] == (key % KW)[None, :], 1.0, 0.0).to(rw_t.dtype)  # KWP, BLOCK_N
+    bias_h = tl.dot(rh_t, row, input_precision=PRECISION, out_dtype=tl.float32)
+    return tl.dot(rw_t, col, bias_h, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
 def _rel_pos_attention_fwd(
     q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
     qk_scale, N_Q, HEADS,
@@ -68,12 +89,14 @@ def _rel_pos_attention_fwd(
     so_b, so_h, so_n, so_d,
     KH: tl.constexpr, KW: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ONEHOT: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr, REL_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2.
 
     The head dim is BLOCK_D columns (padded: BLOCK_D >= HEAD_DIM) and, if HEAD_DIM > BLOCK_D, a tail of BLOCK_T
-    columns from BLOCK_D on (split: vit_h's 80 = 64 + 16). Columns past HEAD_DIM are masked to zero."""
+    columns from BLOCK_D on (split: vit_h's 80 = 64 + 16). Columns past HEAD_DIM are masked to zero. The bias comes
+    from `_onehot_bias` (ONEHOT) or per-key loads (`_rel_bias`); a key block that is one full grid row (BLOCK_N == KW)
+    reuses the same rel_w slice every step, loaded once."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
@@ -99,6 +122,12 @@ def _rel_pos_attention_fwd(
         k_tile_t, v_tile_t = k_base + offs_t[:, None] * sk_d, v_base + offs_t[None, :] * sv_d  # T, BLOCK_N; BLOCK_N, T
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
+    if ONEHOT:
+        cols_h, cols_w = tl.arange(0, KHP), tl.arange(0, KWP)
+        rh_t = tl.load(rh_row[:, None] + cols_h[None, :], mask=q_mask[:, None] & (cols_h < KH)[None, :], other=0.0)
+        rw_t = tl.load(rw_row[:, None] + cols_w[None, :], mask=q_mask[:, None] & (cols_w < KW)[None, :], other=0.0)
+    elif KW == BLOCK_N:  # every key block is one grid row: the same rel_w slice each step
+        rw_t = tl.load(rw_row[:, None] + offs_n[None, :], mask=q_mask[:, None], other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
@@ -109,7 +138,13 @@ def _rel_pos_attention_fwd(
         if TAIL:
             k_t = tl.load(k_tile_t + start_n * sk_n, mask=t_mask[:, None] & n_mask[None, :], other=0.0)
             s = tl.dot(q_t, k_t, s, input_precision=PRECISION)
-        s += _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH, KW, BLOCK_N) * LOG2E
+        if ONEHOT:
+            s += _onehot_bias(rh_t, rw_t, start_n, offs_n, KW, KHP, KWP, REL_PRECISION) * LOG2E
+        elif KW == BLOCK_N:
+            rh = tl.load(rh_row + start_n // KW, mask=q_mask, other=0.0).to(tl.float32)
+            s += (rh[:, None] + rw_t) * LOG2E
+        else:
+            s += _rel_bias(rh_row, rw_row, q_mask, start_n, offs_n, KH, KW, BLOCK_N) * LOG2E
         if (KH * KW) % BLOCK_N != 0:  # the last key block is partial
             s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -182,6 +217,7 @@ def rel_pos_attention_op(
     num_warps: int = 0,
     num_stages: int = 0,
     split_head: bool = False,
+    bias: str = "",
 ) -> torch.Tensor:
     """softmax(scale * q @ k^T + bias) @ v, bias(q, key) = rel_h[q, key // kw] + rel_w[q, key % kw].
 
@@ -191,6 +227,8 @@ def rel_pos_attention_op(
         scale: softmax scale, applied to q @ k^T only (the bias is added unscaled, as in SAM).
         block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_blocks`.
         split_head: a head dim that is not a power of two runs as a power of two plus a tail instead of padded.
+        bias: "gather" (per-key loads), "onehot" (tensor-core dots with one-hot key rows and columns); "" takes
+            `default_bias`.
     """
     _check(q, k, v, rel_h, rel_w)
     if q.device.type != "cuda" and not INTERPRETED:
@@ -202,23 +240,29 @@ def rel_pos_attention_op(
     bm, bn, warps, stages = (g or dflt for g, dflt in zip(given, table))
     if not all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn)):
         raise ValueError(f"rel_pos_attention: block sizes must be powers of two >= 16, got {bm}, {bn}")
+    bias = bias or default_bias(kh, kw, bn)
+    if bias not in BIAS_MODES:
+        raise ValueError(f"rel_pos_attention: bias must be one of {BIAS_MODES} or '', got {bias!r}")
+    rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)  # the one-hot dots take one dtype; upcasting is exact
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
     out = _empty_out(q)
     block_d, block_t = head_blocks(d, split_head)
     grid = (batch * heads * triton.cdiv(n_q, bm),)
     _rel_pos_attention_fwd[grid](
-        q, k, v, rel_h.contiguous(), rel_w.contiguous(), out,
+        q, k, v, rel_h.to(rel_dtype).contiguous(), rel_w.to(rel_dtype).contiguous(), out,
         scale * LOG2E.value, n_q, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_T=block_t,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PRECISION="ieee" if q.dtype == torch.float32 else None, ONEHOT=bias == "onehot",
+        KHP=max(16, triton.next_power_of_2(kh)), KWP=max(16, triton.next_power_of_2(kw)),
+        REL_PRECISION="ieee" if rel_dtype == torch.float32 else None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
 
 @rel_pos_attention_op.register_fake
-def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False):
+def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False, bias=""):
     _check(q, k, v, rel_h, rel_w)
     return _empty_out(q)
 
