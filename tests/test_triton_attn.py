@@ -140,14 +140,18 @@ def interpreter_checks() -> dict:
         res["compiled"] = {"equal": all(torch.equal(o, eager) for o in outs), "count": COUNTERS.get(rpa.PATH, 0)}
         undo.run()
         res["encoder"]["undone_equal"] = torch.equal(sam.image_encoder(x), ref)
-        res["split_windows"] = split_windows_check(rpa, 40)
-        res["split_windows_d16"] = split_windows_check(rpa, 32)
+        res["split_options"] = {
+            "default": split_check(rpa, 40, TritonAttnConfig()),
+            "windows_only": split_check(rpa, 40, TritonAttnConfig(split_global=False)),
+            "global_only": split_check(rpa, 40, TritonAttnConfig(split_windows=False)),
+            "d16": split_check(rpa, 32, TritonAttnConfig()),
+        }
     return res
 
 
-def split_windows_check(rpa, embed_dim: int) -> dict:
-    """An encoder with head dim embed_dim / 2, one windowed and one global block, patched with split_windows: which
-    calls split (recorded at the kernel's head-dim choice) and the error against upstream."""
+def split_check(rpa, embed_dim: int, config: TritonAttnConfig) -> dict:
+    """An encoder with head dim embed_dim / 2, one windowed and one global block, patched with `config`: which calls
+    split (recorded at the kernel's head-dim choice) and the error against upstream."""
     enc = ImageEncoderViT(
         img_size=64, patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),
         use_rel_pos=True, out_chans=16,
@@ -158,7 +162,7 @@ def split_windows_check(rpa, embed_dim: int) -> dict:
     ref = enc(x)
     undo, calls, head_blocks = Undo(), [], rpa.head_blocks
     rpa.head_blocks = lambda d, split: calls.append(split) or head_blocks(d, split)
-    triton_attn.PATCH.apply_fn(SimpleNamespace(image_encoder=enc), TritonAttnConfig(split_windows=True), undo)
+    triton_attn.PATCH.apply_fn(SimpleNamespace(image_encoder=enc), config, undo)
     out = enc(x)
     rpa.head_blocks = head_blocks
     undo.run()
@@ -200,11 +204,13 @@ def test_each_bias_mode_matches_reference(interp, bias, case):
     assert err <= TOL[CASES[case][-1]], f"{case} {bias}: max abs error {err:.3g}"
 
 
-def test_split_windows_splits_windowed_blocks_only(interp):
-    check = interp["split_windows"]
-    assert check["splits"] == [True, False]  # block 0 windowed, block 1 global
-    assert interp["split_windows_d16"]["splits"] == [False, False]  # a power-of-two head dim has nothing to split
-    assert check["rel_err"] <= 1e-5
+def test_split_options_choose_the_blocks_that_split(interp):
+    checks = interp["split_options"]  # splits: [block 0 (windowed), block 1 (global)]
+    assert checks["default"]["splits"] == [True, True]
+    assert checks["windows_only"]["splits"] == [True, False]
+    assert checks["global_only"]["splits"] == [False, True]
+    assert checks["d16"]["splits"] == [False, False]  # a power-of-two head dim has nothing to split
+    assert all(c["rel_err"] <= 1e-5 for c in checks.values())
 
 
 @pytest.mark.parametrize("case", PUBLISHED_INDEX)
@@ -264,6 +270,24 @@ def test_compiled_kernel_matches_reference_on_gpu(device, case):
     assert err <= TOL[dtype], f"{case}: max abs error {err:.3g}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["vit_h_global_bs1_bf16", "vit_h_window_bs1_fp16"])
+@pytest.mark.parametrize("bias", ["gather", "onehot"])
+def test_split_kernel_matches_reference_on_gpu(device, case, bias):
+    """vit_h's head dim 80 as 64 + 16, the table's launch, each bias mode."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    batch, heads, kh, kw, d, _, _, dtype = GPU_CASES[case]
+    *tensors, scale = inputs(batch, heads, kh, kw, d, dtype)
+    q, k, v, rel_h, rel_w = (t.to(device) for t in tensors)
+    out = torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, 0, 0, 0, 0, True, bias)
+    ref = rpa.reference(*(t.double() for t in (q, k, v, rel_h, rel_w)), scale)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= TOL[dtype], f"{case} split {bias}: max abs error {err:.3g}"
+
+
 def test_patch_is_skipped_on_cpu_with_its_reason():
     patch = samrepro.get_patch("triton_attn")
     assert patch.unavailable_reason("cpu") == "needs device cuda, got cpu"
@@ -286,6 +310,10 @@ def test_fake_impl_and_input_errors():
         torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h[:, :1], rel_w, scale)
     with pytest.raises(ValueError, match="must share one of"):
         torch.ops.samrepro.rel_pos_attention(q, k.half(), v, rel_h, rel_w, scale)
+    with pytest.raises(ValueError, match="bias must be one of"):
+        torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, bias="dots")
+    with pytest.raises(ValueError, match=r"powers of two in \[16, 128\]"):
+        torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, 64, 256)
     if not rpa.INTERPRETED:  # CPU tensors never fall back to anything
         cpu = inputs(1, 1, 2, 2, 8, "float32")
         with pytest.raises(ValueError, match="runs on CUDA tensors"):
@@ -315,7 +343,7 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     from samrepro.kernels import rel_pos_attention as rpa
 
     kernel = rpa._rel_pos_attention_fwd
-    bm, bn, warps, stages = rpa.default_blocks(kh * kw, d, 4 if dtype == "fp32" else 2, split)
+    bm, bn, warps, stages, _ = rpa.default_launch(kh * kw, d, 4 if dtype == "fp32" else 2, split)
     block_d, block_t = rpa.head_blocks(d, split)
     precision = "ieee" if dtype == "fp32" else None
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
@@ -337,9 +365,10 @@ def test_refuses_encoders_without_rel_pos():
 
 
 def test_config_validates_and_round_trips():
-    cfg = TritonAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_windows=True)
-    assert TritonAttnConfig.from_dict(cfg.to_dict()) == cfg and cfg.blocks() == (64, 32, 4, 3)
-    for bad in ({"block_n": 24}, {"block_m": 8}, {"num_warps": 3}, {"num_stages": -1}, {"split_windows": 1}):
+    cfg = TritonAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, bias="onehot", split_global=False)
+    assert TritonAttnConfig.from_dict(cfg.to_dict()) == cfg and cfg.launch() == (64, 32, 4, 3, "onehot")
+    bads = ({"block_n": 24}, {"block_m": 8}, {"block_n": 256}, {"num_warps": 3}, {"num_stages": -1}, {"bias": "dot"})
+    for bad in (*bads, {"split_windows": 1}, {"split_global": "yes"}):
         with pytest.raises(ValueError):
             TritonAttnConfig(**bad)
 

@@ -28,28 +28,26 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp
 MAX_HEAD_DIM = 256
 
 
-def default_blocks(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from the H100 sweeps of benchmarks/attn_bench.py (bf16, batch 16;
-    reports/h100-session3): windows 64x32 (vit_b 0.82 ms vs 0.91 for 64x64), global head dim 64 64x64 (3.90 vs
-    4.85 ms for 128x64), global head dim 80 128x64 with 8 warps (9.5 ms; 64x64 took 12.9). Split head dim, windows
-    (session 4): 128x32 (vit_h 1.395 ms vs 2.43 for 64x32)."""
-    if split and itemsize == 2 and n_k <= 256:
-        return 128, 32, 4, 2
+MAX_BLOCK = 128  # BLOCK_N 256 with a split head dim hit an illegal memory access on the H100 (session 7); not used
+
+
+def default_launch(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int, str]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, bias) from the H100 sweeps of benchmarks/attn_bench.py, bf16, batch
+    16 (reports/h100-session7): windows 64x32, 3 stages, one-hot bias (vit_b 0.47 ms against 0.84 with per-key loads,
+    vit_h split 0.73 against 1.42); global head dim 64 64x64, 4 stages (2.78 ms; the old kernel, re-reading rel_w
+    every step: 3.90); global split head dim 64x64 (vit_h 4.78 ms; padded 128x64 5.57, the old kernel 10.8)."""
     if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory
-        return 64, 32, 4, 2
-    if n_k <= 256:  # SAM's 14x14 windows (196 keys)
-        return 64, 32, 4, 2
-    if head_dim <= 64:  # 64x64 global attention
-        return 64, 64, 4, 3
-    return 128, 64, 8, 3
+        return 64, 32, 4, 2, "gather"
+    if n_k <= 256:  # SAM's 14x14 windows (196 keys): key blocks cross grid rows, so the bias is two one-hot dots
+        return 64, 32, 4, 3, "onehot"
+    if head_dim <= 64:  # 64x64 global attention: one grid row per key block, rel_w loaded once
+        return 64, 64, 4, 4, "gather"
+    if split:
+        return 64, 64, 4, 3, "gather"
+    return 128, 64, 8, 3, "gather"
 
 
 BIAS_MODES = ("gather", "onehot")
-
-
-def default_bias(kh: int, kw: int, block_n: int) -> str:
-    """PROVISIONAL until measured: per-key loads everywhere (the kernel as sessions 3-6 ran it)."""
-    return "gather"
 
 
 @triton.jit
@@ -198,6 +196,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tenso
         raise ValueError("rel_pos_attention: all inputs must be on one device")
 
 
+def _launch(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, given: tuple, split: bool) -> tuple:
+    """The launch parameters given, 0 or "" filled in from `default_launch`; raise ValueError on invalid ones."""
+    n_k, d = rel_h.shape[-1] * rel_w.shape[-1], q.shape[-1]
+    bm, bn, warps, stages, bias = (g or t for g, t in zip(given, default_launch(n_k, d, q.element_size(), split)))
+    if not all(16 <= b <= MAX_BLOCK and b & (b - 1) == 0 for b in (bm, bn)):
+        raise ValueError(f"rel_pos_attention: block sizes must be powers of two in [16, {MAX_BLOCK}], got {bm}, {bn}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"rel_pos_attention: bias must be one of {BIAS_MODES} or '', got {bias!r}")
+    return bm, bn, warps, stages, bias
+
+
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
     """(B, heads, N_q, d) laid out as (B, N_q, heads, d): the encoder's proj then needs no transposing copy."""
     batch, heads, n_q, d = q.shape
@@ -225,24 +234,17 @@ def rel_pos_attention_op(
         q: (B, heads, N_q, d); k, v: (B, heads, kh * kw, d), keys in row-major grid order.
         rel_h: (B, heads, N_q, kh); rel_w: (B, heads, N_q, kw).
         scale: softmax scale, applied to q @ k^T only (the bias is added unscaled, as in SAM).
-        block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_blocks`.
+        block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_launch`'s.
         split_head: a head dim that is not a power of two runs as a power of two plus a tail instead of padded.
         bias: "gather" (per-key loads), "onehot" (tensor-core dots with one-hot key rows and columns); "" takes
-            `default_bias`.
+            `default_launch`'s.
     """
     _check(q, k, v, rel_h, rel_w)
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"rel_pos_attention runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {q.device}")
     batch, heads, n_q, d = q.shape
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    given = (block_m, block_n, num_warps, num_stages)
-    table = default_blocks(kh * kw, d, q.element_size(), split_head)
-    bm, bn, warps, stages = (g or dflt for g, dflt in zip(given, table))
-    if not all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn)):
-        raise ValueError(f"rel_pos_attention: block sizes must be powers of two >= 16, got {bm}, {bn}")
-    bias = bias or default_bias(kh, kw, bn)
-    if bias not in BIAS_MODES:
-        raise ValueError(f"rel_pos_attention: bias must be one of {BIAS_MODES} or '', got {bias!r}")
+    bm, bn, warps, stages, bias = _launch(q, rel_h, rel_w, (block_m, block_n, num_warps, num_stages, bias), split_head)
     rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)  # the one-hot dots take one dtype; upcasting is exact
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
     out = _empty_out(q)
@@ -264,6 +266,7 @@ def rel_pos_attention_op(
 @rel_pos_attention_op.register_fake
 def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False, bias=""):
     _check(q, k, v, rel_h, rel_w)
+    _launch(q, rel_h, rel_w, (block_m, block_n, num_warps, num_stages, bias), split_head)
     return _empty_out(q)
 
 

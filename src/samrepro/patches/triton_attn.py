@@ -23,36 +23,41 @@ from samrepro.registry import register_patch
 
 @dataclass(frozen=True)
 class TritonAttnConfig(PatchConfig):
-    """Kernel launch parameters for every call; 0 takes the kernel's fixed table (`default_blocks`)."""
+    """Kernel launch parameters for every call; 0 takes the kernel's fixed table (`default_launch`)."""
 
     block_m: int = 0  # queries per program
     block_n: int = 0  # keys per loop step; any value is correct, whatever the key grid's width
     num_warps: int = 0
     num_stages: int = 0
-    # Windowed blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to
-    # 128); power-of-two head dims (vit_b, vit_l: 64) are never split. H100 (reports/h100-session5), vit_h bs16 in
-    # the full model: window layers 1.34 ms split vs 1.60 padded, 55.97 -> 57.69 img/s. Global blocks split were
-    # slower (10.8 vs 9.5 ms, session 4), so they stay padded.
+    bias: str = ""  # "gather" (per-key loads) or "onehot" (tensor-core dots); "" takes the table's
+    # Blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to 128);
+    # power-of-two head dims (vit_b, vit_l: 64) are never split. H100, vit_h bs16: windows 1.34 ms split vs 1.60
+    # padded in the full model (reports/h100-session5); with the session-7 kernel the global blocks gain too, 4.78
+    # vs 5.57 ms in the microbenchmark (reports/h100-session7), where the session-4 kernel lost (10.8 vs 9.5).
     split_windows: bool = True
+    split_global: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             size = getattr(self, name)
-            if not isinstance(size, int) or not (size == 0 or (size >= 16 and size & (size - 1) == 0)):
-                raise ValueError(f"{name} must be 0 (the table) or a power of two >= 16, got {size!r}")
+            if not isinstance(size, int) or not (size == 0 or (16 <= size <= 128 and size & (size - 1) == 0)):
+                raise ValueError(f"{name} must be 0 (the table) or a power of two in [16, 128], got {size!r}")
         if self.num_warps not in (0, 1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 0 (the table) or a power of two <= 16, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 0:
             raise ValueError(f"num_stages must be 0 (the table) or positive, got {self.num_stages!r}")
-        if not isinstance(self.split_windows, bool):
-            raise ValueError(f"split_windows must be a bool, got {self.split_windows!r}")
+        if self.bias not in ("", "gather", "onehot"):
+            raise ValueError(f"bias must be '' (the table), 'gather' or 'onehot', got {self.bias!r}")
+        for name in ("split_windows", "split_global"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
-    def blocks(self) -> tuple[int, int, int, int]:
-        return self.block_m, self.block_n, self.num_warps, self.num_stages
+    def launch(self) -> tuple[int, int, int, int, str]:
+        return self.block_m, self.block_n, self.num_warps, self.num_stages, self.bias
 
 
 def encoder_attention_forward(
-    self: image_encoder.Attention, x: torch.Tensor, blocks: tuple[int, ...], split_head: bool
+    self: image_encoder.Attention, x: torch.Tensor, launch: tuple[int, int, int, int, str], split_head: bool
 ) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel."""
     B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
@@ -61,13 +66,14 @@ def encoder_attention_forward(
     rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
     rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
     attention = torch.ops.samrepro.rel_pos_attention
-    out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head)  # B, heads, HW, d
+    *blocks, bias = launch
+    out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head, bias)  # B, heads, HW, d
     return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # the kernel wrote (B, HW, heads, d): no copy
 
 
-def _bind(module: image_encoder.Attention, blocks: tuple[int, ...], split_head: bool):
+def _bind(module: image_encoder.Attention, launch: tuple[int, int, int, int, str], split_head: bool):
     def forward(self, x):
-        return encoder_attention_forward(self, x, blocks, split_head)
+        return encoder_attention_forward(self, x, launch, split_head)
 
     return MethodType(forward, module)
 
@@ -79,10 +85,11 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     plain = [f"{n}.attn" for n, b in layers if not b.attn.use_rel_pos]
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
-    for _, block in layers:  # `config.blocks()` are the kernel's launch blocks, not these
+    for _, block in layers:
         head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
-        split = config.split_windows and block.window_size > 0 and head_dim & (head_dim - 1) != 0
-        undo.setattr(block.attn, "forward", _bind(block.attn, config.blocks(), split))
+        wanted = config.split_windows if block.window_size > 0 else config.split_global
+        split = wanted and head_dim & (head_dim - 1) != 0
+        undo.setattr(block.attn, "forward", _bind(block.attn, config.launch(), split))
 
 
 PATCH = register_patch(
