@@ -10,10 +10,10 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     echo /.peer/ >> .git/info/exclude
     # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log):
     bash benchmarks/device.sh peer --model vit_b --compile-mode reduce-overhead
-    # vit_h: BEST plus fold_attn (its faster stack), compile's coordinate-descent tuning off as in the ablations
+    # vit_h: BEST with compile's coordinate-descent tuning off, as in the ablations (fold_attn no longer pays since
+    # the session-7 kernel: 64.10 with it, 64.66 without; reports/h100-session7)
     bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
-        --samrepro-patches bf16,sync_free,sdpa,triton_attn,fold_attn,batched_decoder,channels_last,best_mask_only,\
-compile_decoder,compile --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
+        --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
     # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/h100-session6).
     # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
@@ -30,7 +30,8 @@ Differences that stay, from SAF's own protocol (experiments/eval_combo.py, data.
   (SAF's benchmark took the best of all 4).
 - SAF's flash_4 kernel autotunes during the warm-up on non-A100 GPUs and pickles its choice into the cwd, so every
   contender runs in a temporary cwd; `--saf-configs-dir` keeps SAF's (device.sh carries it between calls through
-  `.peer/saf_configs/`), and the JSON says whether the choice was reused or autotuned. The warm-up is never timed.
+  `.peer/saf_configs/`), and the JSON says whether that file was there (flash_4 still autotunes shapes it lacks).
+  The warm-up is never timed.
 - SAF's int8 step needs `apply_dynamic_quant`, gone from torchao 0.18.
 """
 
@@ -147,8 +148,9 @@ def saf_contender(args, device: torch.device, info: dict):
             "(SEGMENT_ANYTHING_FAST_USE_FLASH_4=0 runs its SDPA fallback, which is then not its fast model)"
         )
     saf = import_checkout(args.saf_dir)
-    reused = Path(FLASH_4_CONFIGS).is_file()  # in the cwd, where flash_4 reads and writes it
-    info["flash_4_configs"] = f"reused from {Path.cwd()}" if reused else "autotuned in the warm-up"
+    present = Path(FLASH_4_CONFIGS).is_file()  # in the cwd, where flash_4 reads and writes it
+    # a file made for another model lacks this model's shapes: flash_4 then autotunes those (its log says so)
+    info["flash_4_configs"] = f"file present in {Path.cwd()}" if present else "autotuned in the warm-up"
     sam = saf.sam_model_registry[args.model]()  # fp32, uncompiled, SAF's modules
     sam.load_state_dict(load_model(args.model, "cpu", "random", args.seed)[0].state_dict())  # strict: same names
     builders = importlib.import_module(f"{saf.__name__}.build_sam")  # `saf.build_sam` is a function
