@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="images (windows: 25 each)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--methods", default="*", help="comma-separated shell patterns, e.g. 'flex*,fold*'")
+    parser.add_argument("--methods", default="*", help="names or shell patterns, e.g. 'flex*,fold[cudnn]'")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=25)
     for kind, configs in SWEEP.items():
@@ -276,7 +276,7 @@ def main() -> None:
     makers = {
         n: m
         for n, m in methods(args.device, args.flex_autotune, sweep, grids).items()
-        if any(fnmatch.fnmatch(n, p) for p in patterns)
+        if any(n == p or fnmatch.fnmatch(n, p) for p in patterns)  # exact names too: '[cudnn]' is a pattern class
     }
     # inductor's CPU flex kernel bakes the thread count in, and its disk cache does not key on it: pin it
     with inductor_config.patch({"cpp.threads": torch.get_num_threads()}):
