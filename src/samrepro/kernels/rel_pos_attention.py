@@ -26,7 +26,7 @@ PATH = "rel_pos_attention.triton"  # the COUNTERS key; there is no fallback path
 LOG2E = tl.constexpr(math.log2(math.e))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp32 dots run in IEEE, not TF32
 MAX_HEAD_DIM = 256
-MAX_BLOCK = 128  # BLOCK_N 256 with a split head dim hit an illegal memory access on the H100 (session 7); not used
+MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (session 7); the table never uses 256
 
 
 def default_launch(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int, str]:
