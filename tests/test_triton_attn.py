@@ -348,8 +348,7 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     precision = "ieee" if dtype == "fp32" else None
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
     consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
-    consts |= {"ONEHOT": bias == "onehot", "KHP": max(16, triton.next_power_of_2(kh)), "REL_PRECISION": precision}
-    consts |= {"KWP": max(16, triton.next_power_of_2(kw))}
+    consts |= {"ONEHOT": bias == "onehot", "KHP": rpa.dot_dim(kh), "KWP": rpa.dot_dim(kw), "REL_PRECISION": precision}
     scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})

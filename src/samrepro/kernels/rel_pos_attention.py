@@ -161,13 +161,18 @@ def _rel_pos_attention_fwd(
         tl.store(o_base + offs_t[None, :] * so_d, (acc_t / l_i[:, None]).to(o_ty), mask=row_mask & t_mask[None, :])
 
 
+def dot_dim(n: int) -> int:
+    """The smallest power of two >= n that a tl.dot takes (16 at least): a padded head dim, tail or rel-table width."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def head_blocks(head_dim: int, split: bool) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_T), both powers of two >= 16 (the smallest dot). Padded (split=False): BLOCK_D covers the
     head dim, no tail (80 -> 128). Split: the largest power of two <= head_dim plus a tail (80 -> 64 + 16)."""
     if not split:
-        return max(16, triton.next_power_of_2(head_dim)), 16  # the tail block is never used
+        return dot_dim(head_dim), 16  # the tail block is never used
     main = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two <= head_dim
-    return main, max(16, triton.next_power_of_2(max(head_dim - main, 1)))
+    return main, dot_dim(max(head_dim - main, 1))
 
 
 INTERPRETED = not isinstance(_rel_pos_attention_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
@@ -254,7 +259,7 @@ def rel_pos_attention_op(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_T=block_t,
         PRECISION="ieee" if q.dtype == torch.float32 else None, ONEHOT=bias == "onehot",
-        KHP=max(16, triton.next_power_of_2(kh)), KWP=max(16, triton.next_power_of_2(kw)),
+        KHP=dot_dim(kh), KWP=dot_dim(kw),
         REL_PRECISION="ieee" if rel_dtype == torch.float32 else None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
