@@ -24,6 +24,7 @@ PATCH_ORDER = (
     "compile_decoder",
     "int8_dynamic",
     "fp8",
+    "fp8_fused",
     "sparse24",
     "compile",
 )

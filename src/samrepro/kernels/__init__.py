@@ -4,5 +4,5 @@
 # Counted in each custom op's Python implementation, which runs on every eager or torch.compile'd call; CUDA-graph
 # replays run no Python, so under max-autotune only the warm-up and recording launches are counted.
 # Weight patches fix each layer's path when applied and count layers there instead, under keys ending in ".layers":
-# "int8_dynamic.layers", "fp8.layers", "sparse24.{cusparselt,cutlass,masked}.layers".
+# "int8_dynamic.layers", "fp8.layers", "fp8_fused.layers", "sparse24.{cusparselt,cutlass,masked}.layers".
 COUNTERS: dict[str, int] = {}

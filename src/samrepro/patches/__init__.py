@@ -9,6 +9,7 @@ import samrepro.patches.compile_decoder
 import samrepro.patches.flex_attn
 import samrepro.patches.fold_attn
 import samrepro.patches.fp8
+import samrepro.patches.fp8_fused
 import samrepro.patches.int8_dynamic
 import samrepro.patches.sdpa
 import samrepro.patches.sparse24

@@ -11,7 +11,7 @@ from samrepro.patch import PatchError, Undo
 from samrepro.patches.bf16 import park_on_host
 
 # Each replaces the encoder Linear weights, so at most one of them applies (the blog runs sparse24 instead of int8).
-WEIGHT_PATCHES = ("int8_dynamic", "fp8", "sparse24")
+WEIGHT_PATCHES = ("int8_dynamic", "fp8", "fp8_fused", "sparse24")
 
 
 def encoder_linears(sam: Sam) -> dict[str, nn.Linear]:

@@ -1,0 +1,209 @@
+"""fp8_fused: the row-wise float8 quantization kernel against its torch reference (Triton's CPU interpreter, and
+bit for bit on sm89+), the patch's refusals, and on sm89+ its modules, agreement with `fp8`, compile and undo.
+
+The interpreter runs in a child process (`python tests/test_fp8_fused.py OUT.json`, TRITON_INTERPRET=1), as in
+test_triton_attn.py. Triton 3.6's interpreter casts fp32 to e4m3 in two ways the GPU does not: a value just below
+a power of two gets the code of half that power (127.4 -> 64, not 128), exact ties round away from zero (168 ->
+176, not 160), and values below 2^-6 (subnormal codes) are truncated towards zero. The interpreter checks allow exactly
+those, and nothing else, to differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from samrepro.kernels import COUNTERS
+from samrepro.patch import PatchError, PatchUnavailable, Undo
+from samrepro.patches import fp8_fused
+from samrepro.patches.fp8 import Fp8Config
+from samrepro.registry import apply_patches, get_patch
+from samrepro.snapshot import model_state, tensors_equal
+
+PATCH = get_patch("fp8_fused")
+SM89 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+LB = Fp8Config().activation_value_lb
+# rows, K, dtype, GELU: SAM's widths (vit_b 768/3072, vit_h 1280/5120) and odd small ones
+CASES = {
+    "k40_gelu_bf16": (5, 40, torch.bfloat16, True),
+    "k96_fp16": (9, 96, torch.float16, False),
+    "k768_bf16": (6, 768, torch.bfloat16, False),
+    "k1280_bf16": (7, 1280, torch.bfloat16, False),
+    "k3072_gelu_fp32": (3, 3072, torch.float32, True),
+    "k5120_gelu_bf16": (3, 5120, torch.bfloat16, True),
+}
+
+
+def case_input(rows: int, k: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """3 * N(0, 1) rows, row 1 all zeros (a padded token), as a strided view of a wider tensor."""
+    x = 3 * torch.randn(rows, k + 16, generator=torch.Generator().manual_seed(k)).to(dtype)
+    x[1] = 0
+    return x.to(device)[:, :k]
+
+
+def compare(x: torch.Tensor, gelu: bool) -> dict:
+    """The kernel's codes and scales against `reference` on the same input."""
+    from samrepro.kernels import fp8_rows as fr
+
+    q, s = fr.fp8_rows(x, gelu, LB)
+    q_ref, s_ref = fr.reference(x, gelu, LB)
+    codes, ref = q.float(), q_ref.float()
+    differ = codes != ref
+    # the interpreter's rounding faults: the reference's code is a power of two and the kernel's half of it; the
+    # scaled value lies exactly halfway between the two codes; a subnormal code one step (2^-9) nearer zero
+    scaled = (torch.nn.functional.gelu(x.float()) if gelu else x.float()) / s_ref
+    halved = (ref == 2 * codes) & (torch.log2(ref.abs()) % 1 == 0)
+    tie = (scaled - ref).abs() == (scaled - codes).abs()
+    truncated = (ref.abs() <= 2**-6) & (ref.abs() - codes.abs() == 2**-9) & (ref * codes >= 0)
+    return {
+        "shapes": [list(q.shape), list(s.shape)],
+        "dtypes": [str(q.dtype), str(s.dtype)],
+        "scale_max_rel": ((s - s_ref).abs() / s_ref).max().item(),
+        "differ": differ.float().mean().item(),
+        "differ_unexplained": (differ & ~halved & ~tie & ~truncated).sum().item(),
+        "finite": bool(torch.isfinite(codes).all()),
+        "zero_row": {"codes_zero": bool((codes[1] == 0).all()), "scale": s[1, 0].item()},
+    }
+
+
+def interpreter_checks() -> dict:
+    """Run in the child under TRITON_INTERPRET=1."""
+    from samrepro.kernels import fp8_rows as fr
+
+    assert fr.INTERPRETED, "the child must run with TRITON_INTERPRET=1"
+    res = {name: compare(case_input(*case[:3]), case[3]) for name, case in CASES.items()}
+    x = case_input(5, 64, torch.bfloat16)
+    res["launches"] = {f"{bm}x{w}": compare(x, True) for bm, w in ((1, 1), (4, 2), (8, 4))}
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck = torch.library.opcheck(torch.ops.samrepro.fp8_rows.default, (x.contiguous(), True, LB), test_utils=checks)
+    res["opcheck"] = {k: v for k, v in opcheck.items() if v != "SUCCESS"}
+    return res
+
+
+@pytest.fixture(scope="module")
+def interp(tmp_path_factory) -> dict:
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    out = tmp_path_factory.mktemp("interp") / "checks.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def check_case(res: dict, rows: int, k: int, exact_codes: bool) -> None:
+    assert res["shapes"] == [[rows, k], [rows, 1]] and res["dtypes"] == ["torch.float8_e4m3fn", "torch.float32"]
+    assert res["scale_max_rel"] <= 1e-6 and res["finite"]
+    assert res["zero_row"] == {"codes_zero": True, "scale": pytest.approx(LB / 448)}
+    assert res["differ_unexplained"] == 0 and res["differ"] <= (0 if exact_codes else 0.05)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference_in_interpreter(interp, case):
+    check_case(interp[case], *CASES[case][:2], exact_codes=False)
+
+
+def test_launch_overrides_and_op_registration(interp):
+    for res in interp["launches"].values():
+        check_case(res, 5, 64, exact_codes=False)
+    assert interp["opcheck"] == {}
+
+
+def test_bad_inputs_raise_before_running():
+    from samrepro.kernels.fp8_rows import MAX_K, fp8_rows
+
+    for x, lb, match in (
+        (torch.zeros(2, 3, 16), LB, "2-d"),
+        (torch.zeros(4, 16, dtype=torch.int32), LB, "2-d"),
+        (torch.zeros(2, MAX_K + 16), LB, "contiguous"),
+        (torch.zeros(16, 4).t(), LB, "contiguous"),
+        (torch.zeros(4, 16), 0.0, "positive"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fp8_rows(x, False, lb)
+
+
+def test_needs_cuda_sm89_and_says_so(sam):
+    assert PATCH.requires.min_capability == (8, 9) and PATCH.config_cls is Fp8Config and PATCH.changes_weights
+    state = model_state(sam)
+    with pytest.raises(PatchUnavailable, match="fp8_fused: needs device cuda"):
+        PATCH.apply(sam)
+    assert model_state(sam) == state
+
+
+def test_refuses_an_mlp_without_exact_gelu(sam):
+    """lin2's quantization computes the erf GELU, so any other activation would be silently replaced."""
+    sam.image_encoder.blocks[1].mlp.act = nn.GELU(approximate="tanh")
+    state = model_state(sam)
+    with pytest.raises(PatchError, match="nn.GELU"):
+        fp8_fused.PATCH.apply_fn(sam, Fp8Config(), Undo())
+    assert model_state(sam) == state
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference_on_gpu(case):
+    rows, k, dtype, gelu = CASES[case]
+    res = compare(case_input(rows, k, dtype, "cuda"), gelu)
+    check_case(res, rows, k, exact_codes=not gelu)
+    assert res["differ"] <= 0.001  # with GELU: erf's last bits may move a code at a rounding boundary
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)).cuda()
+    sam = copy.deepcopy(fp32_model).cuda()
+    state, layers = model_state(sam), COUNTERS.get("fp8_fused.layers", 0)
+    with torch.no_grad():
+        ref = sam.image_encoder(x)
+        with apply_patches(sam, ["bf16", "fp8"] if bf16 else ["fp8"]):
+            torchao = sam.image_encoder(x).float()
+        with apply_patches(sam, ["bf16", "fp8_fused"] if bf16 else ["fp8_fused"]):
+            blocks = sam.image_encoder.blocks
+            assert all(type(b.mlp.act) is nn.Identity and b.mlp.lin2.gelu and not b.mlp.lin1.gelu for b in blocks)
+            assert COUNTERS["fp8_fused.layers"] == layers + 4 * len(blocks)
+            out = sam.image_encoder(x)
+            compiled = torch.compile(sam.image_encoder)(x)
+            with pytest.raises(PatchError, match="cannot be stacked on fp8_fused"):
+                get_patch("fp8").apply(sam)
+        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32) and torch.isfinite(out).all()
+        noise = (out.float() - torchao).pow(2).mean() / torchao.pow(2).mean()
+        assert 10 * torch.log10(1 / noise) >= 25, "fp8_fused and torchao's fp8 quantize the same way"
+        assert torch.allclose(compiled.float(), out.float(), rtol=0.02, atol=0.02 * out.abs().max().item())
+        assert model_state(sam) == state and tensors_equal(sam, fp32_model) == []
+        assert torch.equal(sam.image_encoder(x), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
+def test_declared_gate_fails_when_gelu_is_dropped(tiny_ref, device, monkeypatch):
+    """fp8_fused whose lin2 quantizes lin1's output without the GELU: its own tolerance must catch it."""
+    from samrepro.gates import accuracy_violations, patches_for
+    from tests.conftest import make_samples
+
+    if device != "cuda":
+        pytest.skip("the gates run on the CPU in this session (--device cpu)")
+    init = fp8_fused.Fp8RowLinear.__init__
+    monkeypatch.setattr(fp8_fused.Fp8RowLinear, "__init__", lambda self, lin, gelu, cfg: init(self, lin, False, cfg))
+    samples = make_samples(seed=3, batch_size=2, max_prompts=3, boxes=False, multi_point=False)
+    violations, measured = accuracy_violations(tiny_ref, patches_for(["fp8_fused"]), samples)
+    assert any(v.startswith("embedding_sqnr_db") for v in violations), f"{violations} (measured {measured})"
+
+
+if __name__ == "__main__":
+    Path(sys.argv[1]).write_text(json.dumps(interpreter_checks()))
