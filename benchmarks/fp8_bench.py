@@ -1,12 +1,13 @@
 """Microbenchmark of row-wise float8 activation quantization and of the float8 MLP at SAM's encoder shapes.
 
 Rows: M = batch * 4900 tokens (a 1024 px image's 25 padded 14x14 windows), bf16, N(0, 1) inputs.
-- quant: `fp8_rows` (default launch, then each --launches BLOCK_MxWARPS) against inductor's compile of the same
+- quant: `fp8_rows` (default launch, then each --launches BLOCK_MxBLOCK_KxWARPS) against inductor's compile of the same
   torch ops, at K = dim (no GELU: qkv, proj, lin1 inputs) and K = 4 * dim (through GELU: lin2's input), with the
   compiled bf16 GELU alone for scale; GB/s counts one read of x, one write of q and the scales.
 - mlp: lin2(GELU(lin1(x))) compiled in bf16, through torchao's float8 row-wise Linears (fp8), and through
   `Fp8RowLinear` (fp8_fused); SQNR of each against the fp32 MLP.
-Time: median of --iters calls after --warmup (CUDA events).
+Time: median over --iters of --reps back-to-back calls after --warmup (CUDA events), per call: one eager call of a
+0.1 ms kernel would also time its Python dispatch.
 
 python benchmarks/fp8_bench.py --out fp8.json   # H100/H200 (sm89+), estimated ~2 min
 """
@@ -37,7 +38,12 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item()
 
 
-def quant_rows(x: torch.Tensor, gelu: bool, launches: list[tuple[int, int]], args: argparse.Namespace) -> dict:
+def repeat(fn, reps: int, *args) -> None:
+    for _ in range(reps):
+        fn(*args)
+
+
+def quant_rows(x: torch.Tensor, gelu: bool, launches: list[tuple[int, ...]], args: argparse.Namespace) -> dict:
     lb = Fp8Config().activation_value_lb
     inductor = torch.compile(lambda t: fr.reference(t, gelu, lb))
     gelu_bf16 = torch.compile(nn.functional.gelu)
@@ -45,13 +51,13 @@ def quant_rows(x: torch.Tensor, gelu: bool, launches: list[tuple[int, int]], arg
     q, s = fr.fp8_rows(x, gelu, lb)
     code_diff = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
     runs = {"inductor": lambda: inductor(x), "kernel": lambda: fr.fp8_rows(x, gelu, lb)}
-    runs |= {f"kernel[{bm}x{w}]": (lambda bm=bm, w=w: fr.fp8_rows(x, gelu, lb, bm, w)) for bm, w in launches}
+    runs |= {f"kernel[{'x'.join(map(str, la))}]": partial(fr.fp8_rows, x, gelu, lb, *la) for la in launches}
     if gelu:
         runs["gelu_bf16_alone"] = lambda: gelu_bf16(x)
     gbytes = x.numel() * (x.element_size() + 1) / 1e9
     rows = {}
     for name, fn in runs.items():
-        ms = statistics.median(time_ms(fn, "cuda", args.warmup, args.iters))
+        ms = statistics.median(time_ms(partial(repeat, fn, args.reps), "cuda", args.warmup, args.iters)) / args.reps
         rows[name] = {"ms": round(ms, 4), "GB/s": round(gbytes / ms * 1e3, 1)}
         print(f"  {name:24s} {ms:8.4f} ms {rows[name]['GB/s']:8.1f} GB/s", flush=True)
     scale_err = ((s - s_ref).abs() / s_ref).max().item()
@@ -78,7 +84,8 @@ def mlp(x: torch.Tensor, dim: int, args: argparse.Namespace) -> dict:
         compiled = torch.compile(model)
         with torch.no_grad():
             out = compiled(x)
-            ms = statistics.median(time_ms(partial(compiled, x), "cuda", args.warmup, args.iters))
+            ms = statistics.median(time_ms(partial(repeat, compiled, args.reps, x), "cuda", args.warmup, args.iters))
+            ms /= args.reps
         rows[name] = {"ms": round(ms, 4), "TFLOP/s": round(flops / ms / 1e9, 1), "sqnr_db": round(sqnr_db(ref, out), 2)}
         print(f"  mlp {name:16s} {ms:8.4f} ms {rows[name]['TFLOP/s']:7.1f} TFLOP/s {rows[name]['sqnr_db']:6.2f} dB")
     return rows
@@ -89,9 +96,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--models", default="vit_b,vit_h")
-    parser.add_argument("--launches", default="1x4,1x8,1x16,2x8,4x8", help="BLOCK_MxWARPS,... beside the default")
+    parser.add_argument("--launches", default="", help="BLOCK_MxBLOCK_KxWARPS,... beside the default")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args()
     launches = [tuple(int(v) for v in s.split("x")) for s in args.launches.split(",") if s]
     result = {"env": environment("cuda"), "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}

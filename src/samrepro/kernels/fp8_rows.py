@@ -1,10 +1,10 @@
 """Row-wise dynamic float8 (e4m3) quantization in one pass over the input, optionally through SAM's exact GELU.
 
 For each row r of x (M, K), with f the erf GELU or the identity, computed in fp32:
-    s[r] = max(max_k |f(x[r, k])|, lb) / 448,   q[r, k] = e4m3(clamp(f(x[r, k]) / s[r], -448, 448)),
-torchao's row-wise float8 activation scaling. Each program holds whole rows in registers, so x is read once and
-q written once. Under inductor the same quantization ran ~3-4x off the memory bound on vit_h's MLP
-(reports/h100-session5).
+    a[r] = max(max_k |f(x[r, k])|, lb),   s[r] = a[r] / 448,   q[r, k] = e4m3(clamp(f(x[r, k]) * (448 / a[r]))),
+torchao's row-wise float8 activation scaling (it divides by s instead: the codes may differ in the last bit). x is
+read from HBM once and q written once; GELU is computed once per element. Under inductor the same quantization
+ran ~3-4x off the memory bound on vit_h's MLP (reports/h100-session5).
 
 Registered as the custom op `samrepro::fp8_rows` with a fake implementation, as rel_pos_attention is (and for
 the same reason: tests run it in Triton's CPU interpreter). Forward only.
@@ -26,31 +26,64 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 16384  # one row lives in one program's registers
 
 
+GELU_MIN = tl.constexpr(0.17)  # |GELU(x)| < 0.16998 for every x < 0 (its minimum, at x = -0.7518)
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
 @triton.jit
 def _fp8_rows_fwd(
-    x_ptr, q_ptr, s_ptr, M, K, stride_xm, lb,
+    x_ptr, q_ptr, s_ptr, M, stride_xm, lb, K: tl.constexpr,
     GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """Two passes over (BLOCK_M, BLOCK_K) chunks of the rows: their max, then scale and store (the rows are still in
+    L2). With GELU the first pass takes max x and max -x only: GELU increases above -0.75 and stays under GELU_MIN in
+    magnitude below 0, so max |GELU(x)| = GELU(max x) whenever that reaches GELU_MIN; other rows take a third pass."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # BM, BK
+    row_ok = rows < M
+    ptrs = x_ptr + rows[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # BM, BK
+    hi = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    lo = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # max -x
+    for start in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
+        x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)  # BM, BK
+        hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+        lo = tl.maximum(lo, tl.max(tl.where(mask, -x, float("-inf")), axis=1))
     if GELU:
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), lb) / 448.0  # BM
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)  # IEEE division, as torch divides
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows, scale, mask=rows < M)
+        amax = _gelu(hi)
+        if tl.min(tl.where(row_ok, amax, GELU_MIN)) < GELU_MIN:  # some row never reaches GELU_MIN: look at them all
+            amax = tl.zeros((BLOCK_M,), tl.float32)
+            for start in range(0, K, BLOCK_K):
+                mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
+                x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(_gelu(x)), axis=1))
+    else:
+        amax = tl.maximum(hi, lo)
+    amax = tl.maximum(amax, lb)
+    inv = tl.math.div_rn(tl.full((BLOCK_M,), 448.0, tl.float32), amax)  # IEEE, as torch divides
+    tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32)), mask=row_ok)
+    out = q_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    for start in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
+        x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = _gelu(x)
+        q = tl.clamp(x * inv[:, None], -448.0, 448.0)
+        tl.store(out + start, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 INTERPRETED = not isinstance(_fp8_rows_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
 
 
-def default_launch(k: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): about 4K elements per program, one warp per 512 of them."""
-    block_k = triton.next_power_of_2(k)
-    block_m = max(1, 4096 // block_k)
-    return block_m, max(1, min(16, block_m * block_k // 512))
+def default_launch(k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps): chunks of up to 1024 columns that divide K where a power of two >= 128 does
+    (SAM's widths: 768, 1024, 1280, 3072, 4096, 5120), about 2K elements per chunk, 4 warps."""
+    pow2 = k & -k
+    block_k = min(1024, pow2 if pow2 >= 128 else triton.next_power_of_2(k))
+    return max(1, 2048 // block_k), block_k, 4
 
 
 def _check(x: torch.Tensor, lb: float) -> None:
@@ -69,26 +102,26 @@ def _empty(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("samrepro::fp8_rows", mutates_args=())
 def fp8_rows(
-    x: torch.Tensor, gelu: bool, lb: float, block_m: int = 0, num_warps: int = 0
+    x: torch.Tensor, gelu: bool, lb: float, block_m: int = 0, block_k: int = 0, num_warps: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) with x ≈ s * q row by row (of GELU(x) when `gelu`); x (M, K), q (M, K) e4m3, s (M, 1) fp32.
-    `lb` floors each row's max |x| (a zero row gets scale lb / 448, not 0); block_m, num_warps: 0 takes
-    `default_launch`'s."""
+    `lb` floors each row's max |x| (a zero row gets scale lb / 448, not 0); block_m, block_k (powers of two),
+    num_warps: 0 takes `default_launch`'s."""
     _check(x, lb)
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fp8_rows runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {x.device}")
-    (m, k), (bm, warps) = x.shape, default_launch(x.shape[1])
-    bm, warps = block_m or bm, num_warps or warps
+    (m, k), given = x.shape, (block_m, block_k, num_warps)
+    bm, bk, warps = (g or d for g, d in zip(given, default_launch(x.shape[1])))
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1
     q, s = _empty(x)
     _fp8_rows_fwd[(triton.cdiv(m, bm),)](
-        x, q, s, m, k, x.stride(0), lb, GELU=gelu, BLOCK_M=bm, BLOCK_K=triton.next_power_of_2(k), num_warps=warps
+        x, q, s, m, x.stride(0), lb, K=k, GELU=gelu, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps
     )
     return q, s
 
 
 @fp8_rows.register_fake
-def _(x, gelu, lb, block_m=0, num_warps=0):
+def _(x, gelu, lb, block_m=0, block_k=0, num_warps=0):
     _check(x, lb)
     return _empty(x)
 
@@ -98,5 +131,6 @@ def reference(x: torch.Tensor, gelu: bool, lb: float) -> tuple[torch.Tensor, tor
     x = x.float()
     if gelu:
         x = torch.nn.functional.gelu(x)
-    s = x.abs().amax(dim=1, keepdim=True).clamp(min=lb) / FP8_MAX  # M, 1
-    return (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=lb)  # M, 1
+    fp8_max = torch.full_like(amax, FP8_MAX)  # tensor / tensor divides in IEEE; torch multiplies by 1 / a scalar
+    return (x * (fp8_max / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / fp8_max
