@@ -8,12 +8,13 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     # here, once (after `fetch github:pytorch-labs/segment-anything-fast`):
     git clone --depth 1 file:///work/.mirror/pytorch-labs+segment-anything-fast/repo .peer/segment-anything-fast
     echo /.peer/ >> .git/info/exclude
-    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log):
-    bash benchmarks/device.sh peer --model vit_b --compile-mode reduce-overhead
-    # vit_h: BEST with compile's coordinate-descent tuning off, as in the ablations (fold_attn no longer pays since
-    # the session-7 kernel: 64.10 with it, 64.66 without; reports/h100-session7)
+    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log); session 8:
+    bash benchmarks/device.sh peer --model vit_b --images 128 --compile-mode reduce-overhead \
+        --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
+    # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
+    # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
     # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/h100-session6).
     # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
@@ -68,9 +69,10 @@ SAF_PACKAGE = "segment_anything_fast"
 SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 FLASH_4_CONFIGS = "flash_4_configs.p"  # SAF's flash_4 keeps its autotuned choice in this file of the cwd
 MIB = 1 << 20
-# beyond.toml's compile_decoder step: the fastest vit_b stack that changes no weights (H100: 244.3 img/s here against
-# SAF's 184.6, session 5); on vit_h fold_attn adds 6.7% (its ablation, session 5); on vit_b it is not yet measured
-BEST = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
+# beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the session-7
+# kernel: vit_h 64.10 with it, 64.66 without; reports/h100-session7); BEST adds fp8_fused (reports/h100-session8)
+KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
+BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
 
 
 def import_checkout(root: Path, package: str = SAF_PACKAGE) -> ModuleType:
