@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +100,17 @@ def make_samples(seed: int, batch_size: int, max_prompts: int, boxes: bool, mult
             )
         )
     return out
+
+
+def interpreted_child(script: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run `python script OUT.json` with TRITON_INTERPRET=1 and return the JSON it wrote. The interpreter is chosen
+    when a kernel is decorated, and the pytest process may already hold (or need) the compiled kernel."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    out = tmp_path_factory.mktemp("interp") / "checks.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, script, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())

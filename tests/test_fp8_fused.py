@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -102,15 +100,9 @@ def interpreter_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interp(tmp_path_factory) -> dict:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    out = tmp_path_factory.mktemp("interp") / "checks.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    from tests.conftest import interpreted_child  # not at the top: this file also runs as the child's script
+
+    return interpreted_child(__file__, tmp_path_factory)
 
 
 def check_case(res: dict, rows: int, k: int, exact_codes: bool) -> None:
