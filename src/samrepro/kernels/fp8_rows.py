@@ -79,11 +79,12 @@ INTERPRETED = not isinstance(_fp8_rows_fwd, JITFunction)  # TRITON_INTERPRET=1 w
 
 
 def default_launch(k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps): chunks of up to 1024 columns that divide K where a power of two >= 128 does
-    (SAM's widths: 768, 1024, 1280, 3072, 4096, 5120), about 2K elements per chunk, 4 warps."""
-    pow2 = k & -k
-    block_k = min(1024, pow2 if pow2 >= 128 else triton.next_power_of_2(k))
-    return max(1, 2048 // block_k), block_k, 4
+    """(BLOCK_M, BLOCK_K, num_warps): chunks of about 1024 elements, 1024 columns wide for K >= 2048, else the
+    largest power of two <= K / 2, 4 warps. From the H100 sweep at M = 78,400 (reports/h100-session8), ms against
+    the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720), K = 1280 2x512 0.127 (8x256 0.162);
+    vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417 (2x1024 0.408)."""
+    block_k = 1024 if k >= 2048 else max(16, 1 << (k // 2).bit_length() - 1)
+    return max(1, 1024 // block_k), block_k, 4
 
 
 def _check(x: torch.Tensor, lb: float) -> None:
