@@ -20,6 +20,7 @@ from segment_anything.modeling import ImageEncoderViT
 import samrepro
 from samrepro.patch import PatchError, PatchUnavailable, Undo
 from samrepro.patches import triton_attn  # registers the patch
+from samrepro.patches._relpos import rel_pos_terms
 from samrepro.patches.triton_attn import TritonAttnConfig
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -82,6 +83,20 @@ def case_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False, bias=""
     return (out.double() - ref).abs().max().item()
 
 
+def tables_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False, device="cpu") -> float:
+    """`rel_pos_attention_tables` against the float64 reference with the terms `rel_pos_terms` builds from the same
+    (rounded) position tables, rounded to q's dtype as the kernel rounds them (and as the terms' GEMM does)."""
+    *qkv, _, _, scale = inputs(batch, heads, kh, kw, d, dtype)
+    gen = torch.Generator().manual_seed(7)
+    tables = ((torch.randn(2 * n - 1, d, generator=gen) * d**-0.5).to(qkv[0].dtype) for n in (kh, kw))  # terms ~1
+    q, k, v, table_h, table_w = (t.to(device) for t in (*qkv, *tables))
+    out = torch.ops.samrepro.rel_pos_attention_tables(q, k, v, table_h, table_w, scale, bm, bn, 0, 0, split)
+    terms = rel_pos_terms(q.double(), table_h.double(), table_w.double(), (kh, kw), (kh, kw))
+    terms = [t.flatten(2, 3).to(q.dtype).double() for t in terms]  # B, heads, N_q, kh | kw
+    ref = rpa.reference(q.double(), k.double(), v.double(), *terms, scale)
+    return (out.double() - ref.to(device)).abs().max().item()
+
+
 def widen_bf16_dots() -> None:
     """Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits; widen them to fp32 (exact)."""
     from triton.runtime.interpreter import InterpreterBuilder
@@ -108,6 +123,8 @@ def interpreter_checks() -> dict:
     for bias in rpa.BIAS_MODES:
         res[bias] = {name: case_error(rpa, *case, bias=bias) for name, case in CASES.items()}
     res["onehot_split"] = {name: case_error(rpa, *CASES[name], split=True, bias="onehot") for name in SPLIT}
+    res["tables"] = {name: tables_error(rpa, *case) for name, case in CASES.items()}
+    res["tables_split"] = {name: tables_error(rpa, *CASES[name], split=True) for name in SPLIT}
     fixed, rpa._rel_bias = rpa._rel_bias, published_rel_bias  # the interpreter looks helpers up at run time
     res["published"] = {name: case_error(rpa, *CASES[name], bias="gather") for name in PUBLISHED_INDEX}
     rpa._rel_bias = fixed
@@ -196,6 +213,13 @@ def test_each_bias_mode_matches_reference(interp, bias, case):
     assert err <= TOL[CASES[case][-1]], f"{case} {bias}: max abs error {err:.3g}"
 
 
+@pytest.mark.parametrize("mode, case", [("tables", c) for c in CASES] + [("tables_split", c) for c in SPLIT])
+def test_rel_terms_from_the_tables_match_reference(interp, mode, case):
+    """The kernel computing the rel terms itself (one dot of q against each table, then each query's offsets)."""
+    err = interp[mode][case]
+    assert err <= TOL[CASES[case][-1]], f"{case} {mode}: max abs error {err:.3g}"
+
+
 def test_split_options_choose_the_blocks_that_split(interp):
     checks = interp["split_options"]  # splits: [block 0 (windowed), block 1 (global)]
     assert checks["default"]["splits"] == [True, True]
@@ -280,6 +304,19 @@ def test_split_kernel_matches_reference_on_gpu(device, case, bias):
     assert err <= TOL[dtype], f"{case} split {bias}: max abs error {err:.3g}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["vit_b_window_bs2_bf16", "vit_h_window_bs1_fp16"])
+@pytest.mark.parametrize("split", [False, True])
+def test_tables_kernel_matches_reference_on_gpu(device, case, split):
+    """The rel terms computed in the kernel from the position tables, at SAM's window shapes."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    err = tables_error(rpa, *GPU_CASES[case], split=split, device=device)
+    assert err <= TOL[GPU_CASES[case][-1]], f"{case} split={split}: max abs error {err:.3g}"
+
+
 def test_patch_is_skipped_on_cpu_with_its_reason():
     patch = samrepro.get_patch("triton_attn")
     assert patch.unavailable_reason("cpu") == "needs device cuda, got cpu"
@@ -314,20 +351,22 @@ def test_fake_impl_and_input_errors():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "dtype, kh, kw, d, arch, split, bias",
+    "dtype, kh, kw, d, arch, split, bias, tables",
     [
-        ("bf16", 64, 64, 64, 90, False, "gather"),
-        ("fp16", 14, 14, 80, 80, False, "gather"),
-        ("bf16", 64, 64, 80, 90, False, "gather"),
-        ("bf16", 14, 14, 80, 90, True, "gather"),
-        ("fp16", 14, 14, 80, 80, False, "onehot"),
-        ("bf16", 14, 14, 64, 90, False, "onehot"),
-        ("bf16", 14, 14, 80, 90, True, "onehot"),
+        ("bf16", 64, 64, 64, 90, False, "gather", False),
+        ("fp16", 14, 14, 80, 80, False, "gather", False),
+        ("bf16", 64, 64, 80, 90, False, "gather", False),
+        ("bf16", 14, 14, 80, 90, True, "gather", False),
+        ("fp16", 14, 14, 80, 80, False, "onehot", False),
+        ("bf16", 14, 14, 64, 90, False, "onehot", False),
+        ("bf16", 14, 14, 80, 90, True, "onehot", False),
+        ("bf16", 14, 14, 64, 90, False, "onehot", True),
+        ("bf16", 14, 14, 80, 90, True, "onehot", True),
     ],
     ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90", "vit_h_window_split_sm90", "onehot_h_win_sm80",
-         "onehot_b_win_sm90", "onehot_h_win_split_sm90"],
+         "onehot_b_win_sm90", "onehot_h_win_split_sm90", "tables_b_win_sm90", "tables_h_win_split_sm90"],
 )  # fmt: skip
-def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split, bias):
+def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split, bias, tables):
     """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -341,6 +380,7 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
     consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
     consts |= {"ONEHOT": bias == "onehot", "KHP": rpa.dot_dim(kh), "KWP": rpa.dot_dim(kw), "REL_PRECISION": precision}
+    consts |= {"TABLES": tables, "LHP": rpa.dot_dim(2 * kh - 1), "LWP": rpa.dot_dim(2 * kw - 1)}
     scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})

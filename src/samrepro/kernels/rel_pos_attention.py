@@ -76,6 +76,30 @@ def _onehot_bias(
 
 
 @triton.jit
+def _table_terms(
+    q, q_base, sq_d, q_mask, t_ptr, pos,
+    K: tl.constexpr, KP: tl.constexpr, LP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, KP) rel terms q · table[pos - j + K - 1] for key rows (or columns) j < K, zero for j >= K, from the
+    unscaled q (BLOCK_M, BLOCK_D) at grid row (or column) `pos`: one dot of q against the (2K - 1, HEAD_DIM)
+    table, then each query gathers its K offsets."""
+    rows = tl.arange(0, LP)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (rows < 2 * K - 1)[None, :]
+    tab = tl.load(t_ptr + rows[None, :] * HEAD_DIM + offs_d[:, None], mask=row_ok & (offs_d < HEAD_DIM)[:, None])
+    per_offset = tl.dot(q, tab.to(q.dtype), input_precision=PRECISION)  # BLOCK_M, LP
+    if HEAD_DIM > BLOCK_D:  # the split head dim's tail columns
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+        q_t = tl.load(q_base + offs_t[None, :] * sq_d, mask=q_mask[:, None] & (offs_t < HEAD_DIM)[None, :], other=0.0)
+        tab_t = tl.load(t_ptr + rows[None, :] * HEAD_DIM + offs_t[:, None], mask=row_ok & (offs_t < HEAD_DIM)[:, None])
+        per_offset = tl.dot(q_t, tab_t.to(q_t.dtype), per_offset, input_precision=PRECISION)
+    j = tl.arange(0, KP)
+    offset = tl.minimum(tl.maximum(pos[:, None] - j[None, :] + K - 1, 0), LP - 1)  # BLOCK_M, KP
+    return tl.where((j < K)[None, :], tl.gather(per_offset, offset, axis=1), 0.0)
+
+
+@triton.jit
 def _rel_pos_attention_fwd(
     q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
     qk_scale, N_Q, HEADS,
@@ -86,13 +110,16 @@ def _rel_pos_attention_fwd(
     KH: tl.constexpr, KW: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr, ONEHOT: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr, REL_PRECISION: tl.constexpr,
+    TABLES: tl.constexpr, LHP: tl.constexpr, LWP: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2.
 
     The head dim is BLOCK_D columns (padded: BLOCK_D >= HEAD_DIM) and, if HEAD_DIM > BLOCK_D, a tail of BLOCK_T
     columns from BLOCK_D on (split: vit_h's 80 = 64 + 16). Columns past HEAD_DIM are masked to zero. The bias comes
     from `_onehot_bias` (ONEHOT) or per-key loads (`_rel_bias`); a key block that is one full grid row (BLOCK_N == KW)
-    reuses the same rel_w slice every step, loaded once."""
+    reuses the same rel_w slice every step, loaded once. TABLES (with ONEHOT, queries on the key grid): rh_ptr and
+    rw_ptr hold the (2 KH - 1, HEAD_DIM) and (2 KW - 1, HEAD_DIM) position tables, and `_table_terms` computes each
+    program's rel tiles from its own q."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
@@ -105,8 +132,8 @@ def _rel_pos_attention_fwd(
     TAIL: tl.constexpr = HEAD_DIM > BLOCK_D
 
     q_base = q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n
-    q = tl.load(q_base + offs_d[None, :] * sq_d, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, D
-    q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # scores come out in log2 units
+    q_raw = tl.load(q_base + offs_d[None, :] * sq_d, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, D
+    q = (q_raw.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # scores come out in log2 units
     k_base = k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_n
     v_base = v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n
     k_tile, v_tile = k_base + offs_d[:, None] * sk_d, v_base + offs_d[None, :] * sv_d  # D, BLOCK_N; BLOCK_N, D
@@ -118,7 +145,15 @@ def _rel_pos_attention_fwd(
         k_tile_t, v_tile_t = k_base + offs_t[:, None] * sk_d, v_base + offs_t[None, :] * sv_d  # T, BLOCK_N; BLOCK_N, T
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
-    if ONEHOT:
+    if TABLES:
+        rh_t = _table_terms(
+            q_raw, q_base, sq_d, q_mask, rh_ptr, offs_m // KW, KH, KHP, LHP, HEAD_DIM, BLOCK_D, BLOCK_T, PRECISION
+        )
+        rw_t = _table_terms(
+            q_raw, q_base, sq_d, q_mask, rw_ptr, offs_m % KW, KW, KWP, LWP, HEAD_DIM, BLOCK_D, BLOCK_T, PRECISION
+        )
+        rh_t, rw_t = rh_t.to(q_ptr.dtype.element_ty), rw_t.to(q_ptr.dtype.element_ty)  # as the terms' GEMM rounds
+    elif ONEHOT:
         cols_h, cols_w = tl.arange(0, KHP), tl.arange(0, KWP)
         rh_t = tl.load(rh_row[:, None] + cols_h[None, :], mask=q_mask[:, None] & (cols_h < KH)[None, :], other=0.0)
         rw_t = tl.load(rw_row[:, None] + cols_w[None, :], mask=q_mask[:, None] & (cols_w < KW)[None, :], other=0.0)
@@ -199,9 +234,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tenso
         raise ValueError("rel_pos_attention: all inputs must be on one device")
 
 
-def _launch(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, given: tuple, split: bool) -> tuple:
+def _check_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor):
+    """(kh, kw) of the key grid the position tables (2 kh - 1, d), (2 kw - 1, d) give; ValueError unless the inputs
+    fit the kernel with them: queries on the key grid, one-hot bias widths."""
+    if q.dim() != 4 or table_h.dim() != 2 or table_w.dim() != 2:
+        raise ValueError("rel_pos_attention_tables: q must be 4-D (B, heads, tokens, d), the tables 2-D (2 k - 1, d)")
+    kh, kw = (len(table_h) + 1) // 2, (len(table_w) + 1) // 2
+    terms = [q.new_empty(()).expand(*q.shape[:3], size) for size in (kh, kw)]  # shape-only stand-ins for `_check`
+    _check(q, k, v, *terms)
+    if len(table_h) % 2 == 0 or len(table_w) % 2 == 0 or q.shape[2] != kh * kw:
+        raise ValueError(f"rel_pos_attention_tables: tables of odd lengths 2 k - 1 for queries on the k grid, got "
+                         f"{len(table_h)}, {len(table_w)} for {q.shape[2]} queries")  # fmt: skip
+    if table_h.shape[1] != q.shape[3] or table_w.shape[1] != q.shape[3] or q.device != table_h.device:
+        raise ValueError("rel_pos_attention_tables: the tables must have q's head dim and device")
+    if max(kh, kw) > 64:
+        raise ValueError(f"rel_pos_attention_tables: grids of at most 64 x 64, got {kh} x {kw}")
+    return kh, kw
+
+
+def _launch(q: torch.Tensor, n_k: int, given: tuple, split: bool) -> tuple:
     """The launch parameters given, 0 or "" filled in from `default_launch`; raise ValueError on invalid ones."""
-    n_k, d = rel_h.shape[-1] * rel_w.shape[-1], q.shape[-1]
+    d = q.shape[-1]
     bm, bn, warps, stages, bias = (g or t for g, t in zip(given, default_launch(n_k, d, q.element_size(), split)))
     if not all(16 <= b <= MAX_BLOCK and b & (b - 1) == 0 for b in (bm, bn)):
         raise ValueError(f"rel_pos_attention: block sizes must be powers of two in [16, {MAX_BLOCK}], got {bm}, {bn}")
@@ -243,11 +296,57 @@ def rel_pos_attention_op(
             `default_launch`'s.
     """
     _check(q, k, v, rel_h, rel_w)
+    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
+    launch = _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, bias), split_head)
+    return _run(q, k, v, rel_h, rel_w, scale, kh, kw, launch, split_head, tables=False)
+
+
+@rel_pos_attention_op.register_fake
+def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False, bias=""):
+    _check(q, k, v, rel_h, rel_w)
+    _launch(q, rel_h.shape[-1] * rel_w.shape[-1], (block_m, block_n, num_warps, num_stages, bias), split_head)
+    return _empty_out(q)
+
+
+@torch.library.custom_op("samrepro::rel_pos_attention_tables", mutates_args=())
+def rel_pos_attention_tables_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    scale: float,
+    block_m: int = 0,
+    block_n: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
+    split_head: bool = False,
+) -> torch.Tensor:
+    """`rel_pos_attention` for queries on the key grid (SAM's windows), its rel terms computed inside the kernel
+    from the position tables: rel_h[q, j] = q · table_h[row(q) - j + kh - 1], rel_w[q, j] = q · table_w[col(q) -
+    j + kw - 1] (upstream's `get_rel_pos` without interpolation), rounded to q's dtype; always the one-hot bias.
+
+    Args:
+        q, k, v: as for `rel_pos_attention`, with N_q = kh * kw; table_h: (2 kh - 1, d); table_w: (2 kw - 1, d).
+    """
+    kh, kw = _check_tables(q, k, v, table_h, table_w)
+    launch = _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    return _run(q, k, v, table_h.to(q.dtype), table_w.to(q.dtype), scale, kh, kw, launch, split_head, tables=True)
+
+
+@rel_pos_attention_tables_op.register_fake
+def _(q, k, v, table_h, table_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False):
+    kh, kw = _check_tables(q, k, v, table_h, table_w)
+    _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    return _empty_out(q)
+
+
+def _run(q, k, v, rel_h, rel_w, scale: float, kh: int, kw: int, launch: tuple, split_head: bool, tables: bool):
+    """Launch the kernel: rel_h, rel_w are the terms (B, heads, N_q, kh | kw), or the tables when `tables`."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"rel_pos_attention runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {q.device}")
     batch, heads, n_q, d = q.shape
-    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    bm, bn, warps, stages, bias = _launch(q, rel_h, rel_w, (block_m, block_n, num_warps, num_stages, bias), split_head)
+    bm, bn, warps, stages, bias = launch
     rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)  # the one-hot dots take one dtype; upcasting is exact
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
     out = _empty_out(q)
@@ -261,16 +360,10 @@ def rel_pos_attention_op(
         PRECISION="ieee" if q.dtype == torch.float32 else None, ONEHOT=bias == "onehot",
         KHP=dot_dim(kh), KWP=dot_dim(kw),
         REL_PRECISION="ieee" if rel_dtype == torch.float32 else None,
+        TABLES=tables, LHP=dot_dim(2 * kh - 1), LWP=dot_dim(2 * kw - 1),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
-
-
-@rel_pos_attention_op.register_fake
-def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False, bias=""):
-    _check(q, k, v, rel_h, rel_w)
-    _launch(q, rel_h, rel_w, (block_m, block_n, num_warps, num_stages, bias), split_head)
-    return _empty_out(q)
 
 
 def reference(

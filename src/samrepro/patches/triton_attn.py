@@ -36,6 +36,10 @@ class TritonAttnConfig(PatchConfig):
     # vs 5.57 ms in the microbenchmark (reports/h100-session7), where the session-4 kernel lost (10.8 vs 9.5).
     split_windows: bool = True
     split_global: bool = True
+    # Windowed blocks compute their rel terms inside the kernel from the position tables (one dot and a gather per
+    # program) instead of `rel_pos_terms`' GEMM, its copy of q and the terms' round trip through memory. Needs the
+    # one-hot bias (bias "" or "onehot") and tables that fit the window (SAM at its own input size).
+    window_tables: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -48,7 +52,7 @@ class TritonAttnConfig(PatchConfig):
             raise ValueError(f"num_stages must be 0 (the table) or positive, got {self.num_stages!r}")
         if self.bias not in ("", "gather", "onehot"):
             raise ValueError(f"bias must be '' (the table), 'gather' or 'onehot', got {self.bias!r}")
-        for name in ("split_windows", "split_global"):
+        for name in ("split_windows", "split_global", "window_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -57,23 +61,32 @@ class TritonAttnConfig(PatchConfig):
 
 
 def encoder_attention_forward(
-    self: image_encoder.Attention, x: torch.Tensor, launch: tuple[int, int, int, int, str], split_head: bool
+    self: image_encoder.Attention,
+    x: torch.Tensor,
+    launch: tuple[int, int, int, int, str],
+    split_head: bool,
+    tables: bool,
 ) -> torch.Tensor:
-    """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel."""
+    """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel; with
+    `tables`, and tables that fit the (H, W) grid, the rel terms are computed in the kernel too."""
     B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
     qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
     q, k, v = qkv.unbind(0)  # B, heads, HW, d: strided views, read in place by the kernel
-    rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
-    rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
-    attention = torch.ops.samrepro.rel_pos_attention
     *blocks, bias = launch
-    out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head, bias)  # B, heads, HW, d
+    if tables and (len(self.rel_pos_h), len(self.rel_pos_w)) == (2 * H - 1, 2 * W - 1):
+        attention = torch.ops.samrepro.rel_pos_attention_tables
+        out = attention(q, k, v, self.rel_pos_h, self.rel_pos_w, self.scale, *blocks, split_head)  # B, heads, HW, d
+    else:
+        rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
+        rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
+        attention = torch.ops.samrepro.rel_pos_attention
+        out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head, bias)  # B, heads, HW, d
     return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # the kernel wrote (B, HW, heads, d): no copy
 
 
-def _bind(module: image_encoder.Attention, launch: tuple[int, int, int, int, str], split_head: bool):
+def _bind(module: image_encoder.Attention, launch: tuple[int, int, int, int, str], split_head: bool, tables: bool):
     def forward(self, x):
-        return encoder_attention_forward(self, x, launch, split_head)
+        return encoder_attention_forward(self, x, launch, split_head, tables)
 
     return MethodType(forward, module)
 
@@ -89,7 +102,8 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
         head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
         wanted = config.split_windows if block.window_size > 0 else config.split_global
         split = wanted and head_dim & (head_dim - 1) != 0
-        undo.setattr(block.attn, "forward", _bind(block.attn, config.launch(), split))
+        tables = config.window_tables and block.window_size > 0 and config.bias in ("", "onehot")
+        undo.setattr(block.attn, "forward", _bind(block.attn, config.launch(), split, tables))
 
 
 PATCH = register_patch(
