@@ -6,9 +6,12 @@ out = softmax_keys(scale * q·k + rel_h[q, key // kw] + rel_w[q, key % kw]) @ v,
 one grid row: wrong unless BLOCK_N == 64). The softmax runs in base 2: q is pre-scaled by scale * log2(e) and
 the bias is multiplied by log2(e) too (SAF's kernel left the bias unscaled until 387488b).
 
-Registered as the custom op `samrepro::rel_pos_attention` with a fake implementation, so torch.compile traces
-it as one opaque call. Not `torch.library.triton_op`: its `wrap_triton` refuses the kernels of Triton's CPU
-interpreter (TRITON_INTERPRET=1), which is how this kernel is tested without a GPU. Forward only, no autograd.
+`samrepro::rel_pos_attention_tables` takes the (2k - 1, d) position tables instead of the terms, for queries on the
+key grid, and computes each program's terms from its own q (one dot per table and a gather).
+
+Registered as custom ops with fake implementations, so torch.compile traces each as one opaque call. Not
+`torch.library.triton_op`: its `wrap_triton` refuses the kernels of Triton's CPU interpreter (TRITON_INTERPRET=1),
+which is how this kernel is tested without a GPU. Forward only, no autograd.
 """
 
 from __future__ import annotations

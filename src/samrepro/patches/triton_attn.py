@@ -2,10 +2,12 @@
 
 Each image-encoder Attention instance gets its own forward: the decomposed rel-pos terms come from the unscaled q
 (`_relpos.rel_pos_terms`, as upstream and sdpa do) and go, unsummed, into `samrepro::rel_pos_attention`, which adds
-them per key block inside the kernel, so no (HW, HW) bias is ever built. Unlike SAF: any batch size (bs1 too), any
-key block size, vit_h's head dim 80 without padding copies, and no fallback: every call runs the kernel and is
-counted in `samrepro.kernels.COUNTERS`; inputs the kernel cannot take raise. The mask decoder is left alone (stack
-`sdpa` for it). The kernel module, and so Triton, is imported when the patch is applied, not at package import.
+them per key block inside the kernel, so no (HW, HW) bias is ever built. Windowed blocks (`window_tables`) hand the
+kernel the position tables instead (`samrepro::rel_pos_attention_tables`), and it computes the terms itself. Unlike
+SAF: any batch size (bs1 too), any key block size, vit_h's head dim 80 without padding copies, and no fallback:
+every call runs the kernel and is counted in `samrepro.kernels.COUNTERS`; inputs the kernel cannot take raise. The
+mask decoder is left alone (stack `sdpa` for it). The kernel module, and so Triton, is imported when the patch is
+applied, not at package import.
 """
 
 from __future__ import annotations
