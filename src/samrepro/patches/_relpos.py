@@ -32,7 +32,7 @@ def rel_pos_terms(
     k_h, k_w = k_size
     lead, dim = q.shape[:-2], q.shape[-1]
     r_q = q.reshape(-1, q_h, q_w, dim)  # N, q_h, q_w, d  (N = prod(lead)), upstream's layout
-    if q_size == k_size and (len(rel_pos_h), len(rel_pos_w)) == (2 * q_h - 1, 2 * q_w - 1):
+    if q_size == k_size and tables_fit(rel_pos_h, rel_pos_w, q_size):
         rel_h, rel_w = _offset_terms(r_q, rel_pos_h, rel_pos_w)
     else:
         # Looked up on the module at call time: the sync_free patch swaps in a device-side version.
@@ -43,13 +43,18 @@ def rel_pos_terms(
     return rel_h.reshape(*lead, q_h, q_w, k_h), rel_w.reshape(*lead, q_h, q_w, k_w)
 
 
+def tables_fit(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Whether the tables serve a (h, w) grid without interpolation: 2 h - 1 and 2 w - 1 rows."""
+    return (len(rel_pos_h), len(rel_pos_w)) == (2 * size[0] - 1, 2 * size[1] - 1)
+
+
 def _offset_terms(
     r_q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same terms when q and k share one grid and the tables need no interpolation, so that upstream's
     Rh[i, j] = rel_pos_h[i - j + q_h - 1]: one GEMM of q against both tables, then each query picks its offsets.
-    Upstream's two einsums ran as batched matmuls over q_h (or q_w) with copies of q around them, ~9% of vit_h's
-    fp8 step on the H100 (reports/h100-session8)."""
+    Upstream's two einsums ran as batched matmuls over q_h (or q_w) with copies around them: 22 of 198 ms per batch
+    in vit_h's fp8_fused step on the H100 (reports/h100-session8)."""
     n, q_h, q_w, _ = r_q.shape
     table = torch.cat([rel_pos_h, rel_pos_w]).to(r_q.dtype)  # 2 q_h - 1 + 2 q_w - 1, d
     per_offset = torch.nn.functional.linear(r_q, table)  # N, q_h, q_w, 2 q_h - 1 + 2 q_w - 1

@@ -19,7 +19,7 @@ import torch
 from segment_anything.modeling import Sam, image_encoder
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._relpos import rel_pos_terms
+from samrepro.patches._relpos import rel_pos_terms, tables_fit
 from samrepro.registry import register_patch
 
 
@@ -75,7 +75,7 @@ def encoder_attention_forward(
     qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
     q, k, v = qkv.unbind(0)  # B, heads, HW, d: strided views, read in place by the kernel
     *blocks, bias = launch
-    if tables and (len(self.rel_pos_h), len(self.rel_pos_w)) == (2 * H - 1, 2 * W - 1):
+    if tables and tables_fit(self.rel_pos_h, self.rel_pos_w, (H, W)):
         attention = torch.ops.samrepro.rel_pos_attention_tables
         out = attention(q, k, v, self.rel_pos_h, self.rel_pos_w, self.scale, *blocks, split_head)  # B, heads, HW, d
     else:
