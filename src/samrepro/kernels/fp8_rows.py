@@ -37,40 +37,44 @@ def _gelu(x):
 
 
 @triton.jit
+def _chunk(ptrs, start, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns start .. start + BLOCK_K of the program's rows in fp32 (0 outside), and their mask."""
+    mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
+    return tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32), mask  # BM, BK
+
+
+@triton.jit
 def _fp8_rows_fwd(
     x_ptr, q_ptr, s_ptr, M, stride_xm, lb, K: tl.constexpr,
     GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Two passes over (BLOCK_M, BLOCK_K) chunks of the rows: their max, then scale and store (the rows are still in
-    L2). With GELU the first pass takes max x and max -x only: GELU increases above -0.75 and stays under GELU_MIN in
+    L2). With GELU the first pass takes max x only: GELU increases above -0.75 and stays under GELU_MIN in
     magnitude below 0, so max |GELU(x)| = GELU(max x) whenever that reaches GELU_MIN; other rows take a third pass."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ptrs = x_ptr + rows[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # BM, BK
-    hi = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    lo = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # max -x
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # max x with GELU, else max |x|
     for start in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
-        x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)  # BM, BK
-        hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=1))
-        lo = tl.maximum(lo, tl.max(tl.where(mask, -x, float("-inf")), axis=1))
+        x, mask = _chunk(ptrs, start, row_ok, K, BLOCK_K)
+        if not GELU:
+            x = tl.abs(x)
+        peak = tl.maximum(peak, tl.max(tl.where(mask, x, float("-inf")), axis=1))
     if GELU:
-        amax = _gelu(hi)
+        amax = _gelu(peak)
         if tl.min(tl.where(row_ok, amax, GELU_MIN)) < GELU_MIN:  # some row never reaches GELU_MIN: look at them all
             amax = tl.zeros((BLOCK_M,), tl.float32)
             for start in range(0, K, BLOCK_K):
-                mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
-                x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)
+                x, _ = _chunk(ptrs, start, row_ok, K, BLOCK_K)
                 amax = tl.maximum(amax, tl.max(tl.abs(_gelu(x)), axis=1))
     else:
-        amax = tl.maximum(hi, lo)
+        amax = peak
     amax = tl.maximum(amax, lb)
     inv = tl.math.div_rn(tl.full((BLOCK_M,), 448.0, tl.float32), amax)  # IEEE, as torch divides
     tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32)), mask=row_ok)
     out = q_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
     for start in range(0, K, BLOCK_K):
-        mask = row_ok[:, None] & (start + tl.arange(0, BLOCK_K) < K)[None, :]
-        x = tl.load(ptrs + start, mask=mask, other=0.0).to(tl.float32)
+        x, mask = _chunk(ptrs, start, row_ok, K, BLOCK_K)
         if GELU:
             x = _gelu(x)
         q = tl.clamp(x * inv[:, None], -448.0, 448.0)
