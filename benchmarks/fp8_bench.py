@@ -2,8 +2,9 @@
 
 Rows: M = batch * 4900 tokens (a 1024 px image's 25 padded 14x14 windows), bf16, N(0, 1) inputs.
 - quant: `fp8_rows` (default launch, then each --launches BLOCK_MxBLOCK_KxWARPS) against inductor's compile of the same
-  torch ops, at K = dim (no GELU: qkv, proj, lin1 inputs) and K = 4 * dim (through GELU: lin2's input), with the
-  compiled bf16 GELU alone for scale; GB/s counts one read of x, one write of q and the scales.
+  torch ops, at K = dim (no GELU: qkv, proj inputs; through a LayerNorm: lin1's, norm2 fused) and K = 4 * dim
+  (through GELU: lin2's input), with the compiled bf16 GELU or LayerNorm alone for scale; GB/s counts one read of x,
+  one write of q and the scales.
 - mlp: lin2(GELU(lin1(x))) compiled in bf16, through torchao's float8 row-wise Linears (fp8), and through
   `Fp8RowLinear` (fp8_fused); SQNR of each against the fp32 MLP.
 Time: median over --iters of --reps back-to-back calls after --warmup (CUDA events), per call: one eager call of a
@@ -43,17 +44,24 @@ def repeat(fn, reps: int, *args) -> None:
         fn(*args)
 
 
-def quant_rows(x: torch.Tensor, gelu: bool, launches: list[tuple[int, ...]], args: argparse.Namespace) -> dict:
+def quant_rows(x: torch.Tensor, gelu: bool, norm: bool, launches: list[tuple[int, ...]], args: argparse.Namespace):
     lb = Fp8Config().activation_value_lb
-    inductor = torch.compile(lambda t: fr.reference(t, gelu, lb))
-    gelu_bf16 = torch.compile(nn.functional.gelu)
+    layer_norm = nn.LayerNorm(x.shape[1], eps=1e-6, device="cuda", dtype=x.dtype)
+    with torch.no_grad():
+        layer_norm.weight.normal_(1, 0.5)
+        layer_norm.bias.normal_(0, 0.2)
+    ln = (layer_norm.weight, layer_norm.bias, layer_norm.eps) if norm else None
+    ln_args = ln or (None, None, 1e-5)
+    inductor = torch.compile(lambda t: fr.reference(t, gelu, lb, ln))
     q_ref, s_ref = inductor(x)
-    q, s = fr.fp8_rows(x, gelu, lb)
+    q, s = fr.fp8_rows(x, gelu, lb, *ln_args)
     code_diff = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
-    runs = {"inductor": lambda: inductor(x), "kernel": lambda: fr.fp8_rows(x, gelu, lb)}
-    runs |= {f"kernel[{'x'.join(map(str, la))}]": partial(fr.fp8_rows, x, gelu, lb, *la) for la in launches}
+    runs = {"inductor": lambda: inductor(x), "kernel": lambda: fr.fp8_rows(x, gelu, lb, *ln_args)}
+    runs |= {f"kernel[{'x'.join(map(str, la))}]": partial(fr.fp8_rows, x, gelu, lb, *ln_args, *la) for la in launches}
     if gelu:
-        runs["gelu_bf16_alone"] = lambda: gelu_bf16(x)
+        runs["gelu_bf16_alone"] = partial(torch.compile(nn.functional.gelu), x)
+    if norm:
+        runs["layer_norm_bf16_alone"] = partial(torch.compile(layer_norm), x)
     gbytes = x.numel() * (x.element_size() + 1) / 1e9
     rows = {}
     for name, fn in runs.items():
@@ -107,10 +115,11 @@ def main() -> None:
         dim, m = DIMS[model], args.batch_size * TOKENS
         gen = torch.Generator("cuda").manual_seed(0)
         res = result["models"][model] = {}
-        for k, gelu in ((dim, False), (4 * dim, True)):
-            print(f"{model} quant M={m} K={k} gelu={gelu}", flush=True)
+        for k, gelu, norm in ((dim, False, False), (dim, False, True), (4 * dim, True, False)):
+            print(f"{model} quant M={m} K={k} gelu={gelu} norm={norm}", flush=True)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            res[f"quant_k{k}"] = quant_rows(x, gelu, launches, args)
+            with torch.no_grad():
+                res[f"quant_k{k}{'_norm' if norm else ''}"] = quant_rows(x, gelu, norm, launches, args)
         print(f"{model} mlp M={m}", flush=True)
         res["mlp"] = mlp(torch.randn(m, dim, device="cuda", dtype=torch.bfloat16, generator=gen), dim, args)
         args.out.write_text(json.dumps(result, indent=1))

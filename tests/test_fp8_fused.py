@@ -31,14 +31,17 @@ PATCH = get_patch("fp8_fused")
 SM89 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 LB = Fp8Config().activation_value_lb
-# rows, K, dtype, GELU: SAM's widths (vit_b 768/3072, vit_h 1280/5120) and odd small ones
+# rows, K, dtype, GELU, LayerNorm: SAM's widths (vit_b 768/3072, vit_h 1280/5120) and odd small ones
 CASES = {
-    "k40_gelu_bf16": (5, 40, torch.bfloat16, True),
-    "k96_fp16": (9, 96, torch.float16, False),
-    "k768_bf16": (6, 768, torch.bfloat16, False),
-    "k1280_bf16": (7, 1280, torch.bfloat16, False),
-    "k3072_gelu_fp32": (3, 3072, torch.float32, True),
-    "k5120_gelu_bf16": (3, 5120, torch.bfloat16, True),
+    "k40_gelu_bf16": (5, 40, torch.bfloat16, True, False),
+    "k96_fp16": (9, 96, torch.float16, False, False),
+    "k96_norm_gelu_fp16": (9, 96, torch.float16, True, True),
+    "k768_bf16": (6, 768, torch.bfloat16, False, False),
+    "k768_norm_bf16": (6, 768, torch.bfloat16, False, True),
+    "k1280_bf16": (7, 1280, torch.bfloat16, False, False),
+    "k1280_norm_bf16": (7, 1280, torch.bfloat16, False, True),
+    "k3072_gelu_fp32": (3, 3072, torch.float32, True, False),
+    "k5120_gelu_bf16": (3, 5120, torch.bfloat16, True, False),
 }
 
 
@@ -51,22 +54,30 @@ def case_input(rows: int, k: int, dtype: torch.dtype, device: str = "cpu") -> to
     return x.to(dtype).to(device)[:, :k]
 
 
+def case_norm(k: int, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A LayerNorm's (weight, bias, eps) over K columns: weights around 1, biases around 0, SAM's eps."""
+    gen = torch.Generator().manual_seed(k + 1)
+    weight, bias = 1 + 0.5 * torch.randn(k, generator=gen), 0.2 * torch.randn(k, generator=gen)
+    return weight.to(dtype).to(device), bias.to(dtype).to(device), 1e-6
+
+
 def magnitude(q: torch.Tensor) -> torch.Tensor:
     """e4m3 codes' magnitude bits as integers: neighbouring values of one sign differ by 1."""
     return (q.view(torch.uint8) & 0x7F).int()
 
 
-def compare(x: torch.Tensor, gelu: bool, launch: tuple[int, int, int] = (0, 0, 0)) -> dict:
-    """The kernel's codes and scales against `reference` on the same input."""
+def compare(x: torch.Tensor, gelu: bool, launch: tuple[int, int, int] = (0, 0, 0), norm: tuple | None = None) -> dict:
+    """The kernel's codes and scales against `reference` on the same input, `norm` (weight, bias, eps) or None."""
     from samrepro.kernels import fp8_rows as fr
 
-    q, s = fr.fp8_rows(x, gelu, LB, *launch)
-    q_ref, s_ref = fr.reference(x, gelu, LB)
+    q, s = fr.fp8_rows(x, gelu, LB, *(norm or (None, None, 1e-5)), *launch)
+    q_ref, s_ref = fr.reference(x, gelu, LB, norm)
     codes, ref = q.float(), q_ref.float()
     differ = codes != ref
     # the interpreter's rounding faults: the reference's code is a power of two and the kernel's half of it; the
     # scaled value lies exactly halfway between the two codes; a subnormal code one step (2^-9) nearer zero
-    scaled = (torch.nn.functional.gelu(x.float()) if gelu else x.float()) / s_ref
+    y = x.float() if norm is None else torch.nn.functional.layer_norm(x.float(), x.shape[1:], *norm_fp32(norm))
+    scaled = (torch.nn.functional.gelu(y) if gelu else y) / s_ref
     halved = (ref == 2 * codes) & (torch.log2(ref.abs()) % 1 == 0)
     tie = (scaled - ref).abs() == (scaled - codes).abs()
     truncated = (ref.abs() <= 2**-6) & (ref.abs() - codes.abs() == 2**-9) & (ref * codes >= 0)
@@ -82,16 +93,26 @@ def compare(x: torch.Tensor, gelu: bool, launch: tuple[int, int, int] = (0, 0, 0
     }
 
 
+def norm_fp32(norm: tuple) -> tuple:
+    weight, bias, eps = norm
+    return weight.float(), bias.float(), eps
+
+
+def run_case(name: str, device: str = "cpu", launch: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    rows, k, dtype, gelu, norm = CASES[name]
+    return compare(case_input(rows, k, dtype, device), gelu, launch, case_norm(k, dtype, device) if norm else None)
+
+
 def interpreter_checks() -> dict:
     """Run in the child under TRITON_INTERPRET=1."""
     from samrepro.kernels import fp8_rows as fr
 
     assert fr.INTERPRETED, "the child must run with TRITON_INTERPRET=1"
-    res = {name: compare(case_input(*case[:3]), case[3]) for name, case in CASES.items()}
-    x = case_input(5, 64, torch.bfloat16)
-    res["launches"] = {
-        f"{bm}x{bk}x{w}": compare(x, True, (bm, bk, w)) for bm, bk, w in ((1, 16, 1), (4, 32, 2), (8, 128, 4))
-    }
+    res = {name: run_case(name) for name in CASES}
+    x, norm = case_input(5, 64, torch.bfloat16), case_norm(64, torch.bfloat16)
+    launches = ((1, 16, 1), (4, 32, 2), (8, 128, 4))
+    res["launches"] = {f"{bm}x{bk}x{w}": compare(x, True, (bm, bk, w)) for bm, bk, w in launches}
+    res["norm_launches"] = {f"{bm}x{bk}x{w}": compare(x, False, (bm, bk, w), norm) for bm, bk, w in launches}
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     opcheck = torch.library.opcheck(torch.ops.samrepro.fp8_rows.default, (x.contiguous(), True, LB), test_utils=checks)
     res["opcheck"] = {k: v for k, v in opcheck.items() if v != "SUCCESS"}
@@ -105,27 +126,39 @@ def interp(tmp_path_factory) -> dict:
     return interpreted_child(__file__, tmp_path_factory)
 
 
-def check_case(res: dict, rows: int, k: int, exact_codes: bool) -> None:
+def check_case(res: dict, rows: int, k: int, exact_codes: bool, norm: bool = False) -> None:
     assert res["shapes"] == [[rows, k], [rows, 1]] and res["dtypes"] == ["torch.float8_e4m3fn", "torch.float32"]
     assert res["scale_max_rel"] <= 1e-6 and res["finite"]
-    assert res["zero_row"] == {"codes_zero": True, "scale": pytest.approx(LB / 448)}
+    if not norm:  # a LayerNorm maps the zero row to its bias
+        assert res["zero_row"] == {"codes_zero": True, "scale": pytest.approx(LB / 448)}
     assert res["differ_unexplained"] == 0 and res["differ"] <= (0 if exact_codes else 0.05)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference_in_interpreter(interp, case):
-    check_case(interp[case], *CASES[case][:2], exact_codes=False)
+    rows, k, _, _, norm = CASES[case]
+    check_case(interp[case], rows, k, exact_codes=False, norm=norm)
 
 
 def test_launch_overrides_and_op_registration(interp):
     for res in interp["launches"].values():
         check_case(res, 5, 64, exact_codes=False)
+    for res in interp["norm_launches"].values():
+        check_case(res, 5, 64, exact_codes=False, norm=True)
     assert interp["opcheck"] == {}
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("k, gelu, dtype", [(5120, True, "bf16"), (1280, False, "bf16"), (3072, True, "fp32")])
-def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, dtype):
+@pytest.mark.parametrize(
+    "k, gelu, norm, dtype",
+    [
+        (5120, True, False, "bf16"),
+        (1280, False, False, "bf16"),
+        (1280, False, True, "bf16"),
+        (3072, True, False, "fp32"),
+    ],
+)
+def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, norm, dtype):
     """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (globals, types)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -135,8 +168,9 @@ def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, dtype):
 
     kernel = fr._fp8_rows_fwd
     bm, bk, warps = fr.default_launch(k)
-    consts = {"K": k, "GELU": gelu, "BLOCK_M": bm, "BLOCK_K": bk}
-    types = {"x_ptr": f"*{dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "stride_xm": "i32", "lb": "fp32"}
+    consts = {"K": k, "GELU": gelu, "NORM": norm, "BLOCK_M": bm, "BLOCK_K": bk}
+    types = {"x_ptr": f"*{dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}"}
+    types |= {"M": "i32", "stride_xm": "i32", "lb": "fp32", "eps": "fp32"}
     signature = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})
     assert triton.compile(src, GPUTarget("cuda", 90, 32), {"num_warps": warps}).asm["cubin"]
@@ -145,15 +179,19 @@ def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, dtype):
 def test_bad_inputs_raise_before_running():
     from samrepro.kernels.fp8_rows import MAX_K, fp8_rows
 
-    for x, lb, match in (
-        (torch.zeros(2, 3, 16), LB, "2-d"),
-        (torch.zeros(4, 16, dtype=torch.int32), LB, "2-d"),
-        (torch.zeros(2, MAX_K + 16), LB, "contiguous"),
-        (torch.zeros(16, 4).t(), LB, "contiguous"),
-        (torch.zeros(4, 16), 0.0, "positive"),
+    rows, w = torch.zeros(4, 16), torch.ones(16)
+    for x, lb, norm, match in (
+        (torch.zeros(2, 3, 16), LB, (), "2-d"),
+        (torch.zeros(4, 16, dtype=torch.int32), LB, (), "2-d"),
+        (torch.zeros(2, MAX_K + 16), LB, (), "contiguous"),
+        (torch.zeros(16, 4).t(), LB, (), "contiguous"),
+        (rows, 0.0, (), "positive"),
+        (rows, LB, (w, None), "both norm_weight and norm_bias"),
+        (rows, LB, (w, torch.ones(8)), r"shape \(16,\)"),
+        (rows, LB, (w, torch.ones(32)[::2]), "contiguous"),
     ):
         with pytest.raises(ValueError, match=match):
-            fp8_rows(x, False, lb)
+            fp8_rows(x, False, lb, *norm)
 
 
 def test_needs_cuda_sm89_and_says_so(sam):
@@ -164,11 +202,18 @@ def test_needs_cuda_sm89_and_says_so(sam):
     assert model_state(sam) == state
 
 
-def test_refuses_an_mlp_without_exact_gelu(sam):
-    """lin2's quantization computes the erf GELU, so any other activation would be silently replaced."""
-    sam.image_encoder.blocks[1].mlp.act = nn.GELU(approximate="tanh")
+@pytest.mark.parametrize(
+    "part, module, match",
+    [("mlp.act", nn.GELU(approximate="tanh"), "nn.GELU"), ("norm2", nn.LayerNorm(8), "norm2 must be an affine")],
+)
+def test_refuses_what_its_kernel_would_silently_replace(sam, part, module, match):
+    """lin2's quantization computes the erf GELU and lin1's a LayerNorm over the channels: anything else (another
+    activation, a norm of the wrong width) must be refused, not swapped for what the kernel computes."""
+    parent, name = part.rsplit(".", 1) if "." in part else ("", part)
+    block = sam.image_encoder.blocks[1]
+    setattr(block.get_submodule(parent), name, module)
     state = model_state(sam)
-    with pytest.raises(PatchError, match="nn.GELU"):
+    with pytest.raises(PatchError, match=match):
         fp8_fused.PATCH.apply_fn(sam, Fp8Config(), Undo())
     assert model_state(sam) == state
 
@@ -177,12 +222,13 @@ def test_refuses_an_mlp_without_exact_gelu(sam):
 @pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference_on_gpu(case):
-    rows, k, dtype, gelu = CASES[case]
-    res = compare(case_input(rows, k, dtype, "cuda"), gelu)
-    if gelu:  # Triton's erf and torch's differ in the last bits: a code at a rounding boundary may move one step
+    rows, k, _, gelu, norm = CASES[case]
+    res = run_case(case, "cuda")
+    if gelu or norm:  # Triton's erf and torch's, the norms' mean and rstd differ in the last bits: a code at a
+        # rounding boundary may move one step
         assert res["differ"] <= 0.001 and res["differ_over_one_code"] == 0
         res["differ_unexplained"] = res["differ"] = 0
-    check_case(res, rows, k, exact_codes=True)
+    check_case(res, rows, k, exact_codes=True, norm=norm)
 
 
 @pytest.mark.cuda
@@ -199,6 +245,7 @@ def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
         with apply_patches(sam, ["bf16", "fp8_fused"] if bf16 else ["fp8_fused"]):
             blocks = sam.image_encoder.blocks
             assert all(type(b.mlp.act) is nn.Identity and b.mlp.lin2.gelu and not b.mlp.lin1.gelu for b in blocks)
+            assert all(type(b.norm2) is nn.Identity and b.mlp.lin1.norm_weight is not None for b in blocks)
             assert COUNTERS["fp8_fused.layers"] == layers + 4 * len(blocks)
             out = sam.image_encoder(x)
             compiled = torch.compile(sam.image_encoder)(x)
@@ -214,15 +261,21 @@ def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
-def test_declared_gate_fails_when_gelu_is_dropped(tiny_ref, device, monkeypatch):
-    """fp8_fused whose lin2 quantizes lin1's output without the GELU: its own tolerance must catch it."""
+@pytest.mark.parametrize("broken", ["gelu", "norm"])
+def test_declared_gate_fails_when_gelu_or_norm_is_dropped(tiny_ref, device, monkeypatch, broken):
+    """fp8_fused whose lin2 quantizes lin1's output without the GELU, or whose lin1 quantizes x without norm2: its
+    own tolerance must catch it."""
     from samrepro.gates import accuracy_violations, patches_for
     from tests.conftest import make_samples
 
     if device != "cuda":
         pytest.skip("the gates run on the CPU in this session (--device cpu)")
     init = fp8_fused.Fp8RowLinear.__init__
-    monkeypatch.setattr(fp8_fused.Fp8RowLinear, "__init__", lambda self, lin, gelu, cfg: init(self, lin, False, cfg))
+
+    def broken_init(self, lin, gelu, cfg, norm=None):
+        init(self, lin, gelu and broken != "gelu", cfg, None if broken == "norm" else norm)
+
+    monkeypatch.setattr(fp8_fused.Fp8RowLinear, "__init__", broken_init)
     samples = make_samples(seed=3, batch_size=2, max_prompts=3, boxes=False, multi_point=False)
     violations, measured = accuracy_violations(tiny_ref, patches_for(["fp8_fused"]), samples)
     assert any(v.startswith("embedding_sqnr_db") for v in violations), f"{violations} (measured {measured})"
