@@ -167,7 +167,7 @@ def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, norm, dtype):
     from samrepro.kernels import fp8_rows as fr
 
     kernel = fr._fp8_rows_fwd
-    bm, bk, warps = fr.default_launch(k)
+    bm, bk, warps = fr.default_launch(k, norm)
     consts = {"K": k, "GELU": gelu, "NORM": norm, "BLOCK_M": bm, "BLOCK_K": bk}
     types = {"x_ptr": f"*{dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}"}
     types |= {"M": "i32", "stride_xm": "i32", "lb": "fp32", "eps": "fp32"}

@@ -122,12 +122,13 @@ def _fp8_rows_fwd(
 INTERPRETED = not isinstance(_fp8_rows_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
 
 
-def default_launch(k: int) -> tuple[int, int, int]:
+def default_launch(k: int, norm: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps): chunks of about 1024 elements, 1024 columns wide for K >= 2048, else the
-    largest power of two <= K / 2, 4 warps. From the H100 sweep at M = 78,400 (reports/h100-session8), ms against
-    the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720), K = 1280 2x512 0.127 (8x256 0.162);
-    vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417 (2x1024 0.408)."""
-    block_k = 1024 if k >= 2048 else max(16, 1 << (k // 2).bit_length() - 1)
+    largest power of two <= K / 2, 4 warps; 256 wide with the LayerNorm. From the H100 sweeps at M = 78,400, ms
+    against the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720), K = 1280 2x512 0.127 (8x256
+    0.162); vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417 (2x1024 0.408)
+    (reports/h100-session8); vit_h K = 1280 with the norm 4x256 0.183, 2x512 0.263 (reports/h100-session9)."""
+    block_k = 256 if norm else 1024 if k >= 2048 else max(16, 1 << (k // 2).bit_length() - 1)
     return max(1, 1024 // block_k), block_k, 4
 
 
@@ -172,10 +173,10 @@ def fp8_rows(
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"fp8_rows runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {x.device}")
     (m, k), given = x.shape, (block_m, block_k, num_warps)
-    bm, bk, warps = (g or d for g, d in zip(given, default_launch(x.shape[1])))
+    norm = norm_weight is not None
+    bm, bk, warps = (g or d for g, d in zip(given, default_launch(x.shape[1], norm)))
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1
     q, s = _empty(x)
-    norm = norm_weight is not None
     w, b = (norm_weight, norm_bias) if norm else (x, x)  # unread without the norm
     _fp8_rows_fwd[(triton.cdiv(m, bm),)](
         x, q, s, w, b, m, x.stride(0), lb, eps, K=k, GELU=gelu, NORM=norm, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps
