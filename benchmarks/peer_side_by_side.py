@@ -8,7 +8,7 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     # here, once (after `fetch github:pytorch-labs/segment-anything-fast`):
     git clone --depth 1 file:///work/.mirror/pytorch-labs+segment-anything-fast/repo .peer/segment-anything-fast
     echo /.peer/ >> .git/info/exclude
-    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log); session 8:
+    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log); sessions 8-9:
     bash benchmarks/device.sh peer --model vit_b --images 128 --compile-mode reduce-overhead \
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
@@ -70,7 +70,7 @@ SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 FLASH_4_CONFIGS = "flash_4_configs.p"  # SAF's flash_4 keeps its autotuned choice in this file of the cwd
 MIB = 1 << 20
 # beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the session-7
-# kernel: vit_h 64.10 with it, 64.66 without; reports/h100-session7); BEST adds fp8_fused (reports/h100-session8)
+# kernel: vit_h 64.10 with it, 64.66 without; reports/h100-session7); BEST adds fp8_fused (reports/h100-session8, -9)
 KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
 
