@@ -45,7 +45,7 @@ class Fp8RowLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(OUT_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # M, in
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # M, in; lin1's input, the residual, may come strided
         rows, scale = torch.ops.samrepro.fp8_rows(flat, self.gelu, self.lb, self.norm_weight, self.norm_bias, self.eps)
         out = torch._scaled_mm(
             rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=OUT_DTYPE,
