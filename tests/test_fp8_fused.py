@@ -261,6 +261,19 @@ def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
+def test_linear_takes_inputs_of_any_layout():
+    """The residual stream lin1 now reads can be strided in its channels (batch 1 after the patch embedding's
+    permute, found by the hypothesis gate): the module makes the rows contiguous for the kernel."""
+    torch.manual_seed(0)
+    linear, norm = nn.Linear(64, 32).cuda(), nn.LayerNorm(64, eps=1e-6).cuda()
+    module = fp8_fused.Fp8RowLinear(linear, False, Fp8Config(), norm=norm)
+    x = torch.randn(1, 64, 8, 8, device="cuda").permute(0, 2, 3, 1)  # 1, 8, 8, 64 with channel stride 64
+    assert x.stride(-1) != 1
+    assert torch.equal(module(x), module(x.contiguous()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
 @pytest.mark.parametrize("broken", ["gelu", "norm"])
 def test_declared_gate_fails_when_gelu_or_norm_is_dropped(tiny_ref, device, monkeypatch, broken):
     """fp8_fused whose lin2 quantizes lin1's output without the GELU, or whose lin1 quantizes x without norm2: its
