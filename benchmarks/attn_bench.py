@@ -1,13 +1,15 @@
 """Microbenchmark of SAM's encoder attention with the decomposed rel-pos bias: speed and error of each implementation.
 
 For vit_b (12 heads, dim 64) and vit_h (16 heads, dim 80), 14x14 windows (batch * 25 of them at 1024 px) and the
-64x64 global grid, in bf16, from the same q, k, v, rel_h (B, heads, N, 14|64), rel_w inputs (the rel terms' einsum is
-common to all and not timed). Error: max |out - ref| against an fp32 softmax with the materialized bias computed from
-the same bf16 inputs (TF32 off). Time: median of --iters calls after --warmup, CUDA events on GPU.
+64x64 global grid, in bf16, from the same q, k, v and position tables (2 * 14|64 - 1, dim). The rel terms rel_h,
+rel_w (B, heads, N, 14|64), computed from q and the tables, are common to all but the tables kernel and not timed.
+Error: max |out - ref| against an fp32 softmax with the materialized bias computed from the same bf16 inputs (TF32
+off). Time: median of --iters calls after --warmup, CUDA events on GPU.
 
 python benchmarks/attn_bench.py --out attn.json                            # GPU (estimated ~3 min on an H100)
 python benchmarks/attn_bench.py --device cpu --quick --out /tmp/attn.json  # CPU smoke test, ~1 min
-Inputs are N(0, 1); rows that cannot run here say why (skipped), configs that fail to compile or fit say how (error).
+q, k, v are N(0, 1), the tables N(0, 1 / dim); rows that cannot run here say why (skipped), configs that fail to
+compile or fit say how (error).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 from samrepro.models import fp32_reference_mode
+from samrepro.patches._relpos import rel_pos_terms
 from samrepro.patches.flex_attn import rel_pos_score_mod
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}  # heads, head dim
@@ -98,6 +101,22 @@ def triton(blocks=(0, 0, 0, 0), split=False, bias="", grid=None):
     return run
 
 
+def triton_tables(blocks=(0, 0, 0, 0), split=False, grid=None):
+    """The kernel computing the rel terms itself from the position tables (`rel_pos_attention_tables`)."""
+    import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton)
+
+    def run(q, k, v, table_h, table_w, scale):
+        if grid is not None and len(table_w) != 2 * grid - 1:
+            raise Skip(f"a config for the {grid}-wide grid")
+        d = q.shape[-1]
+        if split and d & (d - 1) == 0:
+            raise Skip(f"head dim {d} is a power of two: split == padded")
+        return torch.ops.samrepro.rel_pos_attention_tables(q, k, v, table_h, table_w, scale, *blocks, split)
+
+    run.takes_tables = True
+    return run
+
+
 def flex(mode):
     compiled = torch.compile(flex_attention, mode=mode, fullgraph=True, dynamic=False)
 
@@ -158,11 +177,17 @@ def methods(device: str, flex_autotune: bool, sweep: dict, grids: dict) -> dict:
     out["triton[table]"] = cuda_only(triton, cuda)
     # the head dim split into a power of two and a tail (vit_h: 64 + 16) instead of padded; its own table
     out["triton-split[table]"] = cuda_only(lambda: triton(split=True), cuda)
+    out["triton-tables[table]"] = cuda_only(triton_tables, cuda)
+    out["triton-tables-split[table]"] = cuda_only(lambda: triton_tables(split=True), cuda)
     for kind, configs in sweep.items():
         for cfg, bias, split in product(configs.split(",") if configs else [], BIAS_MODES, (False, True)):
             blocks = tuple(int(x) for x in cfg.split("x"))
             name = f"triton{'-split' if split else ''}[{kind} {cfg} {bias}]"
             out[name] = cuda_only(lambda b=blocks, s=split, m=bias, g=grids[kind]: triton(b, s, m, g), cuda)
+        for cfg, split in product(configs.split(",") if configs else [], (False, True)):
+            blocks = tuple(int(x) for x in cfg.split("x"))
+            name = f"triton-tables{'-split' if split else ''}[{kind} {cfg}]"
+            out[name] = cuda_only(lambda b=blocks, s=split, g=grids[kind]: triton_tables(b, s, g), cuda)
     out["flex"] = lambda: flex("default")
     if flex_autotune:
         out["flex[max-autotune]"] = lambda: flex("max-autotune-no-cudagraphs")
@@ -209,15 +234,18 @@ def bench_case(case: dict, makers: dict, args) -> list[dict]:
     gen = torch.Generator(device=args.device).manual_seed(0)
     shape = (batch, heads, grid * grid)
     q, k, v = (torch.randn(*shape, d, generator=gen, device=args.device).to(DTYPE) for _ in range(3))
-    rel_h, rel_w = (torch.randn(*shape, grid, generator=gen, device=args.device).to(DTYPE) for _ in range(2))
     scale = d**-0.5
+    tables = [(torch.randn(2 * grid - 1, d, generator=gen, device=args.device) * scale).to(DTYPE) for _ in range(2)]
+    terms = rel_pos_terms(q, *tables, (grid, grid), (grid, grid))  # B, heads, grid, grid, grid (each)
+    rel_h, rel_w = (t.reshape(*shape, grid) for t in terms)
     ref = reference(q, k, v, rel_h, rel_w, scale)
     torch._dynamo.reset()  # each case compiles its own flex graphs; keeps clear of the recompile limit
     rows = []
     for name, make in makers.items():
         row = {**case, "method": name}
         try:
-            call = partial(make(), q, k, v, rel_h, rel_w, scale)
+            fn = make()
+            call = partial(fn, q, k, v, *(tables if getattr(fn, "takes_tables", False) else (rel_h, rel_w)), scale)
             out = call()  # first call: compiles, and is checked
             row["max_abs_err"] = (out.float() - ref).abs().max().item()
             del out
