@@ -44,7 +44,9 @@ def repeat(fn, reps: int, *args) -> None:
         fn(*args)
 
 
-def quant_rows(x: torch.Tensor, gelu: bool, norm: bool, launches: list[tuple[int, ...]], args: argparse.Namespace):
+def quant_rows(
+    x: torch.Tensor, gelu: bool, norm: bool, launches: list[tuple[int, ...]], args: argparse.Namespace
+) -> dict:
     lb = Fp8Config().activation_value_lb
     layer_norm = nn.LayerNorm(x.shape[1], eps=1e-6, device="cuda", dtype=x.dtype)
     with torch.no_grad():

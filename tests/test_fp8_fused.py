@@ -40,16 +40,20 @@ CASES = {
     "k768_norm_bf16": (6, 768, torch.bfloat16, False, True),
     "k1280_bf16": (7, 1280, torch.bfloat16, False, False),
     "k1280_norm_bf16": (7, 1280, torch.bfloat16, False, True),
+    "k320_norm_fp32": (5, 320, torch.float32, False, True),  # 256 + a partial chunk of 64 with the norm's launch
     "k3072_gelu_fp32": (3, 3072, torch.float32, True, False),
     "k5120_gelu_bf16": (3, 5120, torch.bfloat16, True, False),
 }
 
 
-def case_input(rows: int, k: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
-    """3 * N(0, 1) rows as a strided view of a wider tensor; row 1 all zeros (a padded token), row 2 within
-    (-0.75, 0.15), where max |GELU| is GELU's negative minimum and the kernel's shortcut does not hold."""
-    x = 3 * torch.randn(rows, k + 16, generator=torch.Generator().manual_seed(k))
-    x[1] = 0
+NORM_OFFSET = 40.0  # the rows the LayerNorm gets sit far from 0, where E[x^2] - E[x]^2 would cancel
+
+
+def case_input(rows: int, k: int, dtype: torch.dtype, device: str = "cpu", offset: float = 0.0) -> torch.Tensor:
+    """3 * N(0, 1) + offset rows as a strided view of a wider tensor; row 1 all `offset` (a padded token), row 2
+    within (-0.75, 0.15), where max |GELU| is GELU's negative minimum and the kernel's shortcut does not hold."""
+    x = 3 * torch.randn(rows, k + 16, generator=torch.Generator().manual_seed(k)) + offset
+    x[1] = offset
     x[2] = torch.linspace(-0.75, 0.15, k + 16)
     return x.to(dtype).to(device)[:, :k]
 
@@ -100,7 +104,8 @@ def norm_fp32(norm: tuple) -> tuple:
 
 def run_case(name: str, device: str = "cpu", launch: tuple[int, int, int] = (0, 0, 0)) -> dict:
     rows, k, dtype, gelu, norm = CASES[name]
-    return compare(case_input(rows, k, dtype, device), gelu, launch, case_norm(k, dtype, device) if norm else None)
+    x = case_input(rows, k, dtype, device, NORM_OFFSET if norm else 0.0)
+    return compare(x, gelu, launch, case_norm(k, dtype, device) if norm else None)
 
 
 def interpreter_checks() -> dict:
@@ -109,14 +114,30 @@ def interpreter_checks() -> dict:
 
     assert fr.INTERPRETED, "the child must run with TRITON_INTERPRET=1"
     res = {name: run_case(name) for name in CASES}
-    x, norm = case_input(5, 64, torch.bfloat16), case_norm(64, torch.bfloat16)
-    launches = ((1, 16, 1), (4, 32, 2), (8, 128, 4))
+    x, norm = case_input(5, 72, torch.bfloat16), case_norm(72, torch.bfloat16)
+    x_far = case_input(5, 72, torch.bfloat16, offset=NORM_OFFSET)
+    launches = ((1, 16, 1), (4, 32, 2), (8, 128, 4))  # 72 columns: 4 chunks of 16 and part of a fifth; 2 + 1/4; 1
     res["launches"] = {f"{bm}x{bk}x{w}": compare(x, True, (bm, bk, w)) for bm, bk, w in launches}
-    res["norm_launches"] = {f"{bm}x{bk}x{w}": compare(x, False, (bm, bk, w), norm) for bm, bk, w in launches}
+    res["norm_launches"] = {f"{bm}x{bk}x{w}": compare(x_far, False, (bm, bk, w), norm) for bm, bk, w in launches}
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    opcheck = torch.library.opcheck(torch.ops.samrepro.fp8_rows.default, (x.contiguous(), True, LB), test_utils=checks)
-    res["opcheck"] = {k: v for k, v in opcheck.items() if v != "SUCCESS"}
+    op, rows = torch.ops.samrepro.fp8_rows.default, x.contiguous()
+    res["opcheck"] = {}
+    for args in ((rows, True, LB), (rows, False, LB, *norm)):
+        res["opcheck"] |= {
+            k: v for k, v in torch.library.opcheck(op, args, test_utils=checks).items() if v != "SUCCESS"
+        }
+    res["module_norm"] = module_norm_args()
     return res
+
+
+def module_norm_args() -> dict:
+    """What an `Fp8RowLinear` built with a LayerNorm hands the kernel: the norm's own eps and its parameters."""
+    norm = nn.LayerNorm(32, eps=0.25)
+    module = fp8_fused.Fp8RowLinear(nn.Linear(32, 16), False, Fp8Config(), norm=norm)
+    shared = all(
+        b.data_ptr() == p.data_ptr() for b, p in ((module.norm_weight, norm.weight), (module.norm_bias, norm.bias))
+    )
+    return {"eps": module.eps, "shares_parameters": shared, "repr": repr(module)}
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +163,15 @@ def test_kernel_matches_reference_in_interpreter(interp, case):
 
 def test_launch_overrides_and_op_registration(interp):
     for res in interp["launches"].values():
-        check_case(res, 5, 64, exact_codes=False)
+        check_case(res, 5, 72, exact_codes=False)
     for res in interp["norm_launches"].values():
-        check_case(res, 5, 64, exact_codes=False, norm=True)
+        check_case(res, 5, 72, exact_codes=False, norm=True)
     assert interp["opcheck"] == {}
+    assert interp["module_norm"] == {
+        "eps": 0.25,
+        "shares_parameters": True,
+        "repr": "Fp8RowLinear(in=32, out=16, gelu=False, norm=True)",
+    }
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -202,16 +228,30 @@ def test_needs_cuda_sm89_and_says_so(sam):
     assert model_state(sam) == state
 
 
+class ScaledLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass with its own forward: the kernel's LayerNorm would not compute it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
 @pytest.mark.parametrize(
-    "part, module, match",
-    [("mlp.act", nn.GELU(approximate="tanh"), "nn.GELU"), ("norm2", nn.LayerNorm(8), "norm2 must be an affine")],
+    "part, make, match",
+    [
+        ("mlp.act", lambda dim: nn.GELU(approximate="tanh"), "nn.GELU"),
+        ("norm2", lambda dim: nn.LayerNorm(8), "norm2 must be an affine"),
+        ("norm2", lambda dim: nn.LayerNorm(dim, bias=False), "norm2 must be an affine"),
+        ("norm2", lambda dim: nn.RMSNorm(dim), "norm2 must be an affine"),
+        ("norm2", ScaledLayerNorm, "norm2 must be an affine"),
+    ],
+    ids=["tanh_gelu", "narrow_norm", "biasless_norm", "rms_norm", "layer_norm_subclass"],
 )
-def test_refuses_what_its_kernel_would_silently_replace(sam, part, module, match):
-    """lin2's quantization computes the erf GELU and lin1's a LayerNorm over the channels: anything else (another
-    activation, a norm of the wrong width) must be refused, not swapped for what the kernel computes."""
+def test_refuses_what_its_kernel_would_silently_replace(sam, part, make, match):
+    """lin2's quantization computes the erf GELU and lin1's an affine LayerNorm over the channels: anything else
+    (another activation, another norm or width) must be refused, not swapped for what the kernel computes."""
     parent, name = part.rsplit(".", 1) if "." in part else ("", part)
     block = sam.image_encoder.blocks[1]
-    setattr(block.get_submodule(parent), name, module)
+    setattr(block.get_submodule(parent), name, make(block.mlp.lin1.in_features))
     state = model_state(sam)
     with pytest.raises(PatchError, match=match):
         fp8_fused.PATCH.apply_fn(sam, Fp8Config(), Undo())

@@ -54,9 +54,9 @@ def _row_stats(ptrs, row_ok, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
     for start in range(0, K, BLOCK_K):
         x, mask = _chunk(ptrs, start, row_ok, K, BLOCK_K)
         n = tl.sum((start + tl.arange(0, BLOCK_K) < K).to(tl.float32), axis=0)  # this chunk's columns
-        chunk_mean = tl.sum(x, axis=1) / n
-        dev = tl.where(mask, x - chunk_mean[:, None], 0.0)
-        delta = chunk_mean - mean
+        chunk_mean = tl.sum(x, axis=1) / n  # BM
+        dev = tl.where(mask, x - chunk_mean[:, None], 0.0)  # BM, BK
+        delta = chunk_mean - mean  # BM
         total = seen + n
         mean += delta * (n / total)
         m2 += tl.sum(dev * dev, axis=1) + delta * delta * (seen * n / total)
@@ -70,8 +70,8 @@ def _values(ptrs, w_ptr, b_ptr, start, row_ok, mean, rstd, K: tl.constexpr, BLOC
     x, mask = _chunk(ptrs, start, row_ok, K, BLOCK_K)
     if NORM:
         cols = start + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)  # BK
+        b = tl.load(b_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)  # BK
         x = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :], 0.0)
     return x, mask
 

@@ -64,7 +64,7 @@ def _exact_gelu(act: nn.Module) -> bool:
 
 def _row_norm(norm: nn.Module, dim: int) -> bool:
     """A LayerNorm over the last dim with weight and bias, as the kernel computes it."""
-    affine = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+    affine = type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
     return affine and tuple(norm.normalized_shape) == (dim,)
 
 
