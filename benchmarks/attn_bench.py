@@ -85,17 +85,23 @@ def sdpa_bias(backend):
     return run
 
 
+def skip_unfit(q: torch.Tensor, width: int, split: bool, grid: int | None) -> None:
+    """Skip a kernel config meant for another key grid (`width` keys per row), or a split run of a power-of-two
+    head dim (it would equal the padded run)."""
+    if grid is not None and width != grid:
+        raise Skip(f"a config for the {grid}-wide grid")
+    d = q.shape[-1]
+    if split and d & (d - 1) == 0:
+        raise Skip(f"head dim {d} is a power of two: split == padded")
+
+
 def triton(blocks=(0, 0, 0, 0), split=False, bias="", grid=None):
     """The kernel with these launch parameters (0: the table's); `grid` limits it to one key grid (window 14 |
     global 64), and a split head dim runs only where it is not a power of two (elsewhere it equals the padded run)."""
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton)
 
     def run(q, k, v, rel_h, rel_w, scale):
-        if grid is not None and rel_w.shape[-1] != grid:
-            raise Skip(f"a config for the {grid}-wide grid")
-        d = q.shape[-1]
-        if split and d & (d - 1) == 0:
-            raise Skip(f"head dim {d} is a power of two: split == padded")
+        skip_unfit(q, rel_w.shape[-1], split, grid)
         return torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, scale, *blocks, split, bias)
 
     return run
@@ -106,11 +112,7 @@ def triton_tables(blocks=(0, 0, 0, 0), split=False, grid=None):
     import samrepro.kernels.rel_pos_attention  # noqa: F401  (registers the op; imports Triton)
 
     def run(q, k, v, table_h, table_w, scale):
-        if grid is not None and len(table_w) != 2 * grid - 1:
-            raise Skip(f"a config for the {grid}-wide grid")
-        d = q.shape[-1]
-        if split and d & (d - 1) == 0:
-            raise Skip(f"head dim {d} is a power of two: split == padded")
+        skip_unfit(q, (len(table_w) + 1) // 2, split, grid)
         return torch.ops.samrepro.rel_pos_attention_tables(q, k, v, table_h, table_w, scale, *blocks, split)
 
     run.takes_tables = True
