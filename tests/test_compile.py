@@ -23,7 +23,12 @@ from samrepro.workload import Sample
 
 PATCH = get_patch("compile")
 CUDA = torch.cuda.is_available()
-KNOBS = {"epilogue_fusion": False, "coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
+INDUCTOR_DEFAULTS = {
+    "epilogue_fusion": True,
+    "coordinate_descent_tuning": False,
+    "coordinate_descent_check_all_directions": False,
+}
+TUTORIAL = {k: not v for k, v in INDUCTOR_DEFAULTS.items()}  # the torchao tutorial's opt-in knobs
 
 
 def outside_state() -> dict:
@@ -74,10 +79,11 @@ def samples(n: int = 2, seed: int = 0) -> list[Sample]:
 # --- config ---------------------------------------------------------------------------------------
 
 
-def test_config_defaults_are_the_seeds():
+def test_config_defaults_are_what_the_published_rows_ran():
     cfg = CompileConfig()
     assert (cfg.mode, cfg.fullgraph, cfg.dynamic) == ("max-autotune", True, False)
-    assert cfg.inductor_patch() == KNOBS
+    assert cfg.inductor_patch() == INDUCTOR_DEFAULTS
+    assert CompileConfig(**TUTORIAL).inductor_patch() == TUTORIAL
     assert cfg.uses_cudagraphs()  # max-autotune turns on triton.cudagraphs
     assert "force_fuse_int_mm_with_mul" not in cfg.inductor_patch()  # int8's knob, not compile's
     assert CompileConfig.from_dict(cfg.to_dict()) == cfg
@@ -134,9 +140,27 @@ def test_knobs_hold_inside_calls_only(sam, spy_compiler):
     seen = spy_compiler[0]
     assert {k: seen[k] for k in SEED_KNOBS} == flipped
     assert seen["mode_options"]["max_autotune"] is True  # the mode is inductor's own scoped patch
+    assert {k: seen["mode_options"][k] for k in SEED_KNOBS} == flipped  # and the knobs win over it
     assert outside_state() == outside  # ... nor a call that compiled
     handle.undo()
     assert global_state() == full  # reset() dropped dynamo's installed globals too
+
+
+def test_max_autotune_without_coordinate_descent(sam, spy_compiler):
+    handle = PATCH.apply(sam, CompileConfig(mode="max-autotune"))
+    with torch.no_grad():
+        sam.image_encoder(torch.randn(1, 3, 256, 256))
+    options = spy_compiler[0]["mode_options"]
+    assert options["max_autotune"] is True and options["coordinate_descent_tuning"] is False
+    handle.undo()
+
+
+def test_mode_overrides_the_surrounding_config(sam, spy_compiler):
+    """Companion: torch.compile(mode="max-autotune") turns coordinate descent on whatever the config says."""
+    encoder = torch.compile(sam.image_encoder, mode="max-autotune", fullgraph=True, dynamic=False)
+    with inductor_config.patch(coordinate_descent_tuning=False), torch.no_grad():
+        encoder(torch.randn(1, 3, 256, 256))
+    assert spy_compiler[0]["mode_options"]["coordinate_descent_tuning"] is True
 
 
 def test_knobs_hold_at_recompile(sam, spy_compiler):

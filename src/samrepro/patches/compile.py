@@ -14,9 +14,10 @@ from torch import nn
 from samrepro.patch import REORDERED, Patch, PatchConfig, PatchError, Undo
 from samrepro.registry import register_patch
 
-# The knobs the blog's final step sets (torchao SAM tutorial, "general purpose optimizations"), as fields.
-# `force_fuse_int_mm_with_mul` belongs to int8_dynamic; SAF's `cache_size_limit = 50000` is not needed
-# because the workload pads batches to one static shape.
+# The extra knobs of the torchao SAM tutorial ("general purpose optimizations"), as fields. They default to
+# inductor's own values, as segment-anything-fast ran its published rows; a plan opts in (ablations/blog-tuned.toml).
+# `force_fuse_int_mm_with_mul` belongs to int8_dynamic; a dynamo recompile limit is not needed because the
+# workload pads batches to one static shape.
 SEED_KNOBS = ("epilogue_fusion", "coordinate_descent_tuning", "coordinate_descent_check_all_directions")
 
 
@@ -27,9 +28,9 @@ class CompileConfig(PatchConfig):
     mode: str = "max-autotune"  # a torch.compile mode; max-autotune turns on CUDA graphs on GPU
     fullgraph: bool = True  # a graph break in the encoder is a bug, not a fallback
     dynamic: bool | None = False  # static shapes, as SAF (the workload pads the last batch)
-    epilogue_fusion: bool = False  # seeds: autotuning is confused by fused epilogues
-    coordinate_descent_tuning: bool = True  # seeds: tune Triton block sizes beyond the heuristics
-    coordinate_descent_check_all_directions: bool = True  # seeds: widen that search
+    epilogue_fusion: bool = True  # tutorial: False, since autotuning can be misled by fused epilogues
+    coordinate_descent_tuning: bool = False  # tutorial: True, tune Triton block sizes beyond the heuristics
+    coordinate_descent_check_all_directions: bool = False  # tutorial: True, widen that search
     inductor_options: dict[str, Any] = field(default_factory=dict)  # more torch._inductor.config keys
     clone_output: bool = True  # copy the output out of the CUDA-graph pool (see _scoped_call)
 
@@ -55,6 +56,14 @@ class CompileConfig(PatchConfig):
     def inductor_patch(self) -> dict[str, Any]:
         """The torch._inductor.config values that hold while the compiled encoder runs."""
         return {**{k: getattr(self, k) for k in SEED_KNOBS}, **self.inductor_options}
+
+    def compile_options(self, knobs: dict[str, Any]) -> dict[str, Any]:
+        """torch.compile `options`: the mode's settings, then `knobs` over them.
+
+        Handing torch.compile a `mode` would let the mode win: max-autotune turns coordinate-descent tuning on
+        inside the compiler whatever the surrounding config says, and that search is most of its compile time.
+        """
+        return {**torch._inductor.list_mode_options(self.mode), **knobs}
 
     def uses_cudagraphs(self) -> bool:
         """Whether inductor will wrap the compiled graph in CUDA graphs (on CUDA inputs)."""
@@ -123,7 +132,8 @@ def knobs_for(encoder: nn.Module, config: CompileConfig) -> dict[str, Any]:
 def _apply(sam: nn.Module, config: CompileConfig, undo: Undo) -> None:
     encoder = sam.image_encoder
     knobs = knobs_for(encoder, config)
-    compiled = torch.compile(encoder, mode=config.mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
+    options = config.compile_options(knobs)
+    compiled = torch.compile(encoder, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
     # OptimizedModule stores its dynamo-wrapped callable as an instance `forward`; wrap that one.
     compiled.forward = _scoped_call(compiled.forward, knobs, config.clone_output and config.uses_cudagraphs())
     undo.on_undo(_drop_compiled_state)  # runs after the original encoder is back in place
