@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from samrepro import results
+from samrepro import published, results
 from samrepro.results import StepResult
 
 PLAN_FILE = "plan.json"  # written by the runner
@@ -19,6 +21,9 @@ CHARTS = {  # file stem -> (StepResult field, axis label, title)
 }
 GATE_COLORS = {"pass": "#3b7d4f", "fail": "#c0392b", "skipped": "#8c8c8c"}
 RANDOM_BANNER = "> [!WARNING]\n> **random weights: ground-truth mIoU is meaningless**"
+SLOWER = "▼"  # marks, in the table, a step slower than the step before it
+LOG_WORDS = re.compile(r"compile|autotune|graph break|fallback", re.IGNORECASE)  # "compile" covers recompile
+LOG_TAIL = 10  # matching log lines quoted per regression
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,7 +73,7 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     for stem, (metric, label, title) in CHARTS.items():
         _chart(step_results, metric, label, f"{title}: {_heading(plan)}", out_dir / stem)
     path = out_dir / "report.md"
-    path.write_text(render(step_results, plan))
+    path.write_text(render(step_results, plan, results_dir / "logs"))
     return path
 
 
@@ -77,26 +82,169 @@ def baseline(step_results: list[StepResult]) -> StepResult | None:
     return next((r for r in step_results if r.status == "ok" and not r.patches), None)
 
 
-def render(step_results: list[StepResult], plan: dict[str, Any]) -> str:
-    """The markdown text of the report."""
-    base = baseline(step_results)
-    weights = sorted({r.weights for r in step_results})
-    lines = [f"# samrepro report: {_heading(plan)}", ""]
-    if any(w.startswith("random") for w in weights):
-        lines += [RANDOM_BANNER, ""]
-    lines += [
-        f"- model `{plan.get('model')}` on `{plan.get('device')}`, batch size {plan.get('batch_size')}, "
-        f"{plan.get('images')} images, plan hash `{plan.get('plan_hash')}`",
-        f"- weights: {', '.join(f'`{w}`' for w in weights)}",
+def measured(step_results: list[StepResult]) -> list[StepResult]:
+    """Steps that ran and have a finite img/s."""
+    return [r for r in step_results if r.status == "ok" and r.img_s is not None and math.isfinite(r.img_s)]
+
+
+def regressions(step_results: list[StepResult], mode: str | None) -> list[tuple[StepResult, StepResult]]:
+    """(step, the measured step before it) for each step with a lower img/s; only in cumulative mode, where each
+    step adds patches to the one before."""
+    if mode != "cumulative":
+        return []
+    done = measured(step_results)
+    return [(r, prev) for prev, r in zip(done, done[1:]) if r.img_s < prev.img_s]
+
+
+def verdict(step_results: list[StepResult], base: StepResult | None, plan: dict[str, Any]) -> list[str]:
+    """The report's first lines: best step and its speed-up, gates, weights, data, time spent."""
+    eligible = [r for r in measured(step_results) if r.gate == "pass" or r is base]
+    best = max(eligible, key=lambda r: r.img_s, default=None)  # the first of equals
+    if best is None:
+        lines = ["- **best step: none** (no step passed its gate and no fp32 reference ran)"]
+    else:
+        over = "no fp32 step to compare with"
+        if base and base.img_s:
+            over = f"{best.img_s / base.img_s:.2f}x over fp32 (`{base.step}`, {_rate(base.img_s)} img/s)"
+        lines = [
+            f"- **best step: `{best.step}`**, {_rate(best.img_s)} img/s, {over}; "
+            "best = highest img/s among steps whose gate passed, and the fp32 reference"
+        ]
+    gates = {g: [r.step for r in step_results if r.gate == g] for g in results.GATES}
+    failed = f"; failed: {', '.join(f'`{s}`' for s in gates['fail'])}" if gates["fail"] else ""
+    weights = ", ".join(f"`{w}`" for w in sorted({r.weights for r in step_results}))
+    if any(r.weights.startswith("random") for r in step_results):
+        weights = f"**RANDOM ({weights}): accuracy against ground truth (mIoU GT) is meaningless**"
+    labels = sorted({str(r.env["data"]) for r in step_results if r.env.get("data")}) or [plan.get("data")]
+    data = ", ".join(f"`{d}`" for d in labels if d) or "not recorded"
+    compile_s = sum(r.compile_s for r in step_results if r.compile_s is not None and math.isfinite(r.compile_s))
+    wall_s = sum(_wall_s(r) for r in step_results)
+    return lines + [
+        f"- **gates:** {len(gates['pass'])} passed, {len(gates['fail'])} failed, {len(gates['skipped'])} skipped"
+        + failed,
+        f"- **weights:** {weights}",
+        f"- **data:** {data}; {plan.get('images')} images, batch size {plan.get('batch_size')}",
+        f"- **time:** {_duration(compile_s)} compiling (sum of compile s), "
+        f"{_duration(wall_s)} wall time of all steps (sum of each one's start to finish)",
     ]
+
+
+def published_comparison(step_results: list[StepResult], base: StepResult | None, plan: dict[str, Any]) -> list[str]:
+    """Each measured step beside the published figures of the same step and model, and the sources' labels."""
+    model, batch_size, device = str(plan.get("model")), int(plan.get("batch_size") or 0), str(plan.get("device"))
+    if model in published.OWN_MODELS:
+        return [f"No published figure ({model} is samrepro's own model)."]
+    if model not in published.models():
+        return [f"No published figure for {model}: the sources measured only {', '.join(sorted(published.models()))}."]
+    lines = [
+        f"Each measured step beside the published figure of the same step on {model}, at the published batch size "
+        f"nearest this run's {batch_size}. Speed-up is over fp32 at the same batch size: measured over this run's "
+        "fp32 step, published over the source's own fp32. The img/s ratio compares hardware as much as software; "
+        "the speed-up ratio compares what each step gains, which carries across hardware better.",
+        "",
+    ]
+    if plan.get("mode") != "cumulative":
+        lines += ["The published figures are cumulative (each step on top of the ones before); this run is not.", ""]
+    head = (
+        "step | img/s | speed-up | published on | published bs | published img/s | published speed-up | "
+        "published mIoU | img/s measured/published | speed-up measured/published"
+    ).split(" | ")
+    rows, used = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], {}
+    for r in measured(step_results):
+        speedup = r.img_s / base.img_s if base and base.img_s else None
+        ours = [r.step, _rate(r.img_s), _num(speedup, ".2f", "x")]
+        figures = published.figures(r.step, model, batch_size, device)
+        if not figures:
+            why = published.unmeasured(r.step)
+            rows.append(_row([*ours, "no published figure" + (f": {why}" if why else ""), *["—"] * 6]))
+        for f in figures:
+            used[f.source] = f
+            rows.append(
+                _row(
+                    [
+                        *ours,
+                        f.hardware,
+                        str(f.batch_size),
+                        _rate(f.img_s),
+                        _num(f.speedup, ".2f", "x"),
+                        _num(f.miou, ".4f"),
+                        _num(r.img_s / f.img_s if f.img_s else None, ".2f"),
+                        _num(speedup / f.speedup if speedup is not None and f.speedup else None, ".2f"),
+                    ]
+                )
+            )
+    sources = published.sources()
+    notes = [f"- {f.hardware}: <{f.url}>; {' '.join(sources[s]['detail'].split())}" for s, f in sorted(used.items())]
+    return lines + rows + (["", *notes] if notes else [])
+
+
+def _regression(r: StepResult, prev: StepResult, logs: Path | None) -> list[str]:
+    """What the results and the step's log say about a step slower than the one before it."""
+    drop = 100 * (1 - r.img_s / prev.img_s)
+    lines = [
+        f"### `{r.step}`: {_rate(r.img_s)} img/s, {drop:.1f}% below `{prev.step}` ({_rate(prev.img_s)} img/s)",
+        "",
+        f"- compile s: {_num(r.compile_s, '.1f')} (`{prev.step}`: {_num(prev.compile_s, '.1f')})",
+    ]
+    if r.encoder_ms is not None or prev.encoder_ms is not None:  # the encoder is what compile compiles
+        change = f", {100 * (r.encoder_ms / prev.encoder_ms - 1):+.1f}%" if r.encoder_ms and prev.encoder_ms else ""
+        was = f"`{prev.step}`: {_num(prev.encoder_ms, '.2f')}{change}"
+        lines.append(f"- encoder ms: {_num(r.encoder_ms, '.2f')} ({was})")
+    log = Path(r.filename()).with_suffix(".log").name  # the runner's name for the step's output
+    name, path = f"logs/{log}", logs / log if logs is not None else None
+    if path is None or not path.is_file():
+        return [*lines, f"- no log `{name}` in the results folder"]
+    hits = [line.rstrip()[:240] for line in path.read_text(errors="replace").splitlines() if LOG_WORDS.search(line)]
+    if not hits:
+        return [*lines, f"- `{name}`: no line mentions compile, autotune, recompile, graph break or fallback"]
+    return [
+        *lines,
+        f"- `{name}`, the last {min(len(hits), LOG_TAIL)} of {len(hits)} lines that mention compile, autotune, "
+        "recompile, graph break or fallback:",
+        "",
+        "```text",
+        *hits[-LOG_TAIL:],
+        "```",
+    ]
+
+
+def _wall_s(r: StepResult) -> float:
+    """A step's seconds from started_at to finished_at; 0 where either is missing."""
+    try:
+        return (datetime.fromisoformat(r.finished_at) - datetime.fromisoformat(r.started_at)).total_seconds()
+    except (ValueError, TypeError):  # empty, or one of them without a time zone
+        return 0.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60} h {m % 60} min {s} s" if m >= 60 else f"{m} min {s} s"
+
+
+def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | None = None) -> str:
+    """The markdown text of the report; `logs` is the results folder's logs/ (quoted under Regressions)."""
+    base = baseline(step_results)
+    slower = regressions(step_results, plan.get("mode"))
+    lines = [f"# samrepro report: {_heading(plan)}", "", *verdict(step_results, base, plan), ""]
+    if any(r.weights.startswith("random") for r in step_results):
+        lines += [RANDOM_BANNER, ""]
+    lines.append(
+        f"- model `{plan.get('model')}` on `{plan.get('device')}`, batch size {plan.get('batch_size')}, "
+        f"{plan.get('images')} images, plan hash `{plan.get('plan_hash')}`"
+    )
     started = sorted(r.started_at for r in step_results if r.started_at)
     finished = sorted(r.finished_at for r in step_results if r.finished_at)
     if started and finished:
         lines.append(f"- ran from {started[0]} to {finished[-1]}")
-    lines += ["", *(f"![{CHARTS[s][2]}]({s}.svg)" for s in CHARTS), "", "## Steps", "", *_table(step_results, base), ""]
+    lines += ["", *(f"![{CHARTS[s][2]}]({s}.svg)" for s in CHARTS), "", "## Steps", ""]
+    lines += [*_table(step_results, base, {r.step for r, _ in slower}), ""]
     lines.append(
         f"Speed-up is over the fp32 step `{base.step}`." if base else "No fp32 step (one without patches) ran."
     )
+    if slower:
+        lines.append(f"{SLOWER} after img/s: slower than the step before it (see Regressions).")
     lines.append(
         "Latency is per image; mIoU GT is mIoU with center-point prompts against ground truth; agreement mIoU and "
         "SQNR compare with the fp32 model's masks and image embeddings."
@@ -110,13 +258,19 @@ def render(step_results: list[StepResult], plan: dict[str, Any]) -> str:
             "not accept them.",
         ]
     done = {r.step for r in step_results}
-    missing = [s["name"] for s in plan.get("plan", {}).get("steps", []) if s["name"] not in done]
+    planned = plan["plan"].get("steps", []) if isinstance(plan.get("plan"), dict) else []  # a name without plan.json
+    missing = [s["name"] for s in planned if s["name"] not in done]
     if missing:
         lines += [
             "",
             f"> **Not run:** {', '.join(f'`{s}`' for s in missing)} of the plan left no StepResult (the sweep was "
             "stopped or is still running); rerunning the same command into this folder resumes there.",
         ]
+    lines += ["", "## Published figures", "", *published_comparison(step_results, base, plan)]
+    if slower:
+        lines += ["", "## Regressions", "", "Steps slower than the measured step before them (cumulative mode)."]
+        for r, prev in slower:
+            lines += ["", *_regression(r, prev, logs)]
     failed = [r for r in step_results if r.error]
     if failed:
         lines += ["", "## Errors"]
@@ -134,7 +288,7 @@ def _heading(plan: dict[str, Any]) -> str:
     return f"{plan_name(plan)} ({plan.get('mode')}), {plan.get('model')} on {plan.get('device')}"
 
 
-def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]:
+def _table(step_results: list[StepResult], base: StepResult | None, slower: set[str]) -> list[str]:
     head = (
         "step | patches | status | img/s | speed-up | p50 ms | p90 ms | encoder ms | encoder speed-up | "
         "encoder TFLOP/s | peak MiB | compile s | mIoU GT | "
@@ -148,7 +302,7 @@ def _table(step_results: list[StepResult], base: StepResult | None) -> list[str]
             r.step,
             ", ".join(r.patches) or "(none)",
             r.status,
-            _num(r.img_s, ".1f" if (r.img_s or 0) >= 10 else ".3g"),  # CPU vit rates are ~0.05 img/s
+            _rate(r.img_s) + (f" {SLOWER}" if r.step in slower else ""),
             _num(speedup, ".2f", "x"),
             _num(r.latency_ms_p50, ".2f"),
             _num(r.latency_ms_p90, ".2f"),
@@ -186,10 +340,18 @@ def _env_rows(step_results: list[StepResult]) -> list[str]:
     return rows
 
 
+def _rate(img_s: float | None) -> str:
+    return _num(img_s, ".1f" if (img_s or 0) >= 10 else ".3g")  # CPU vit rates are ~0.05 img/s
+
+
 def _num(v: float | None, fmt: str, suffix: str = "") -> str:
     if v is None:
         return "—"
     return str(v) if not math.isfinite(v) else f"{v:{fmt}}{suffix}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
 def _cell(text: str) -> str:
