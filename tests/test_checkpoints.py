@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from samrepro import checkpoints
+from samrepro import checkpoints, download
 from samrepro.checkpoints import CHECKPOINTS, Checkpoint, ChecksumError, DownloadError, fetch
 
 BODY = random.Random(0).randbytes(300_000)
@@ -69,8 +69,9 @@ def server():
 
 @pytest.fixture(autouse=True)
 def table(monkeypatch):
-    """vit_b points at the generated file."""
+    """vit_b points at the generated file; retries do not wait."""
     monkeypatch.setitem(CHECKPOINTS, "vit_b", Checkpoint(NAME, hashlib.sha256(BODY).hexdigest()))
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
 
 
 def assert_nothing_loadable(cache: Path) -> None:
@@ -95,11 +96,12 @@ def test_good_file_then_cache_without_network(server, tmp_path, capsys):
 
 def test_cached_file_trusted_by_its_record(server, tmp_path, monkeypatch):
     fetch("vit_b", tmp_path, url=server.url, progress=False)
-    monkeypatch.setattr(checkpoints, "_verify", lambda *a: pytest.fail("hashed although size and mtime match"))
+    monkeypatch.setattr(download, "verify", lambda *a: pytest.fail("hashed although size and mtime match"))
     assert fetch("vit_b", tmp_path, url=server.url) == tmp_path / NAME
 
 
-def test_dropped_connection_then_resume(server, tmp_path):
+def test_dropped_connection_then_resume(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "RETRIES", 0)  # no resume within the call: the next call resumes
     server.cut.add(NAME)
     with pytest.raises(DownloadError) as e:
         fetch("vit_b", tmp_path, url=server.url, progress=False)
@@ -111,7 +113,8 @@ def test_dropped_connection_then_resume(server, tmp_path):
     assert server.seen == [None, f"bytes={half}-"]
 
 
-def test_server_without_range_restarts_from_zero(server, tmp_path):
+def test_server_without_range_restarts_from_zero(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "RETRIES", 0)
     server.ranges = False
     server.cut.add(NAME)
     with pytest.raises(DownloadError):

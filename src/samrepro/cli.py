@@ -83,6 +83,11 @@ def build_parser() -> Parser:
     fetch.add_argument("models", nargs="+", choices=["vit_b", "vit_l", "vit_h"])
     fetch.add_argument("--cache-dir", type=Path, help="default: $SAMREPRO_CACHE/checkpoints or ~/.cache/samrepro/...")
 
+    data = sub.add_parser("data", help="download, verify and extract a dataset into the cache", parents=[common])
+    data.add_argument("action", choices=["fetch"])
+    data.add_argument("dataset", choices=["coco"], help="coco: COCO val2017 images and instance annotations")
+    data.add_argument("--cache-dir", type=Path, help="default: $SAMREPRO_CACHE/coco or ~/.cache/samrepro/coco")
+
     train = sub.add_parser("train-tiny", help="train the tiny model's shipped weights", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -200,6 +205,13 @@ def weights(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def data(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.data.coco_fetch import fetch_coco
+
+    print(fetch_coco(args.cache_dir))
+    return 0
+
+
 def train_tiny(args: argparse.Namespace, argv: list[str]) -> int:
     from samrepro import train
 
@@ -226,6 +238,7 @@ COMMANDS = {
     "ui": ui,
     "patches": patches,
     "weights": weights,
+    "data": data,
     "train-tiny": train_tiny,
 }
 

@@ -312,6 +312,13 @@ def resolve_data(data: str) -> str:
     """The data spec with an absolute path; a COCO folder is opened and its first image read, here and now."""
     if data == "synthetic":
         return data
+    if data == "coco":  # the folder `samrepro data fetch coco` made
+        from samrepro.data.coco_fetch import CocoNotFetched, coco_root
+
+        try:
+            data = f"coco:{coco_root()}"
+        except CocoNotFetched as e:
+            raise UsageError(str(e)) from None
     if data.startswith("coco:"):
         root = Path(data[len("coco:") :]).expanduser()
         if not root.is_dir():
@@ -333,7 +340,7 @@ def resolve_data(data: str) -> str:
         except ValueError as e:
             raise UsageError(str(e)) from None
         return data
-    raise UsageError(f"unknown data {data!r}; valid: synthetic, coco:DIR, noise[:P]")
+    raise UsageError(f"unknown data {data!r}; valid: synthetic, coco (fetched), coco:DIR, noise[:P]")
 
 
 def unavailable(names: list[str], device: str) -> str | None:
