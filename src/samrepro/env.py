@@ -14,7 +14,7 @@ import torch
 from samrepro.plans import hash_plan
 
 PACKAGES = ("torch", "torchvision", "triton", "torchao", "segment-anything", "mlflow", "numpy")
-ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "SAMREPRO_")
+ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "SAMREPRO_", "TRITON_")
 ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -39,6 +39,16 @@ def capture(plan: dict | None = None) -> dict[str, Any]:
     if plan is not None:
         env["plan"], env["plan_hash"] = plan, hash_plan(plan)
     return env
+
+
+def inductor_cache(cache_root: Path, device: str) -> Path:
+    """samrepro's inductor cache (compiled kernels, autotuning results), one per torch, Triton and hardware.
+
+    Step processes share it, so a step does not tune again what an earlier step or run already tuned.
+    """
+    hardware = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    key = f"torch-{torch.__version__}-triton-{_version('triton')}-{hardware}"
+    return cache_root / "inductor" / "".join(c if c.isalnum() or c in ".-+" else "_" for c in key)
 
 
 def _version(dist: str) -> str | None:

@@ -199,6 +199,7 @@ class Patch:
     requires: Requires = Requires()
     changes_weights: bool = False
     touches_encoder: bool = True  # must be applied before `compile` wraps the encoder
+    compiles: bool = False  # calls torch.compile: the first forward passes compile
     excludes: tuple[str, ...] = ()  # patches this one cannot be stacked with (each lists the other)
 
     def unavailable_reason(self, device: str | torch.device) -> str | None:

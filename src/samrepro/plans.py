@@ -14,8 +14,15 @@ A plan file:
     base = ["bf16"]          # isolated mode: what this step's patches need under them
     [steps.config.sparse24]  # per-patch config, passed to the patch's config class
     ...
-    [steps.tolerance]        # override fields of the composed tolerance (e.g. to demand more than declared)
+    [steps.tolerance]        # a plan bound: demand more than the patches' composed declared tolerance
     agreement_miou_min = 0.99
+
+    [calibrated]             # where the plan bounds were measured; elsewhere they are reported, not gated
+    models = ["vit_b"]       # each key optional: models, data, batch_size, weights
+    data = "noise:8"
+    batch_size = 16
+    weights = "random"
+    evidence = "reports/..."  # where the measurement that justifies the bounds lives
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from typing import Any
 from samrepro.patch import Tolerance
 
 MODES = ("cumulative", "isolated")
-PLAN_KEYS = {"name", "description", "steps"}
+PLAN_KEYS = {"name", "description", "steps", "calibrated"}
+CALIBRATED_KEYS = {"models", "data", "batch_size", "weights", "evidence"}
 STEP_KEYS = {"name", "description", "add", "remove", "base", "config", "tolerance"}
 TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # step names become file names
@@ -63,6 +71,17 @@ class Plan:
     description: str
     steps: tuple[Step, ...]
     source: str = ""  # the file it came from, for messages
+    calibrated: dict[str, Any] = field(default_factory=dict)  # the workload its step bounds were measured on
+
+    def bounds_apply(self, run: dict[str, Any]) -> str | None:
+        """None when the plan's step bounds were calibrated on this run's workload, else why not."""
+        for key, want in self.calibrated.items():
+            if key == "evidence":
+                continue
+            have = run["model"] if key == "models" else run[key]
+            if (have not in want) if key == "models" else (have != want):
+                return f"plan bounds were calibrated on {key} {want}, this run has {have}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised plan: what its hash covers."""
@@ -78,7 +97,8 @@ class Plan:
             }
             for s in self.steps
         ]
-        return {"name": self.name, "description": self.description, "steps": steps}
+        out = {"name": self.name, "description": self.description, "steps": steps}
+        return out | ({"calibrated": self.calibrated} if self.calibrated else {})  # old plans keep their hash
 
     def hash(self) -> str:
         return hash_plan(self.to_dict())
@@ -153,7 +173,26 @@ def parse(data: dict[str, Any], source: str = "<plan>") -> Plan:
         raise PlanError(f"{source}: 'steps' must be a non-empty array of tables ([[steps]])")
     steps = [_parse_step(raw, i, source) for i, raw in enumerate(raw_steps)]
     _check_steps(steps, source)
-    return Plan(name=name, description=_string(data, "description", source), steps=tuple(steps), source=source)
+    calibrated = _calibrated(data.get("calibrated", {}), source)
+    description = _string(data, "description", source)
+    return Plan(name=name, description=description, steps=tuple(steps), source=source, calibrated=calibrated)
+
+
+def _calibrated(table: Any, source: str) -> dict[str, Any]:
+    where = f"{source}: calibrated"
+    if not isinstance(table, dict):
+        raise PlanError(f"{where}: must be a table")
+    unknown = sorted(set(table) - CALIBRATED_KEYS)
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; valid: {sorted(CALIBRATED_KEYS)}")
+    if "models" in table:
+        _names(table, "models", where)
+    if "batch_size" in table and (isinstance(table["batch_size"], bool) or not isinstance(table["batch_size"], int)):
+        raise PlanError(f"{where}.batch_size: must be an integer, got {table['batch_size']!r}")
+    for key in ("data", "weights", "evidence"):
+        if key in table:
+            _string(table, key, where)
+    return dict(table)
 
 
 def _parse_step(raw: Any, i: int, source: str) -> Step:

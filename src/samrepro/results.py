@@ -48,7 +48,8 @@ class StepResult:
     miou_gt: float | None = None  # null without ground truth
     miou_agreement: float | None = None  # vs the fp32 step's own masks
     embedding_sqnr_db: float | None = None
-    tolerance: dict[str, float] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)  # what the gate checked
+    tolerance_source: str = ""  # declared, or tightened by a plan bound calibrated on this workload
     gate_violations: list[str] = field(default_factory=list)
     changes_weights: bool = False
     kernel_paths: dict[str, int] = field(default_factory=dict)  # e.g. {"triton_attn.kernel": 96}

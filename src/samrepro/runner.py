@@ -18,11 +18,13 @@ import ctypes
 import functools
 import json
 import os
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-from samrepro import env, lock, plans, results
+from samrepro import console, env, lock, plans, results
 from samrepro.checkpoints import cache_root
 from samrepro.models import MODELS, build, sha256, verified_tiny_weights
 from samrepro.plans import Plan, ResolvedStep
@@ -41,7 +43,7 @@ from samrepro.results import StepResult, utc_now
 from samrepro.step import BASELINE
 
 STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
-STDERR_TAIL = 40  # lines of a crashed step's output kept in its result
+STDERR_TAIL = 40  # lines of a crashed step's log kept in its result
 VOLATILE = ("results_dir", "cache_dir", "profile")  # spec keys that do not change what a step measures
 DEVICES = ("cpu", "cuda")
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # what every SAM state dict key starts with
@@ -119,6 +121,9 @@ def run_ablation(
         track: log the results folder to MLflow at the end.
     """
     check_inputs(model, device, mode, batch_size, images, prompts)
+    if batch_size > images:  # padding a few images up to a large batch would time images that do not exist
+        _say(f"batch size {batch_size} > {images} images: running batches of {images}")
+        batch_size = images
     if patches is not None:
         if plan is not None:
             raise UsageError("give a plan or a list of patches, not both")
@@ -144,12 +149,17 @@ def run_ablation(
         "weights_sha256": weights_digest(weights),  # resume reruns steps whose weights file changed
         "data": data,
     }
+    if weights == "random" and model != "tiny":
+        _say(f"WARNING: {model} with RANDOM weights: speed only, accuracy against ground truth is meaningless")
+    setup["bounds_off"] = plan.bounds_apply(setup)  # None: the plan's step bounds were calibrated on this workload
     with _interruptible(), _locked(folder, command):
         try:
             _write_json(folder / "plan.json", setup | {"command": command})
             _set_aside_stale(folder, [_filename(s) for s in steps])
             _say(f"{plan.name} ({mode}) on {model}/{device}, batch {batch_size}, {images} images -> {folder}")
-            outcome = Outcome(folder, _run_steps(folder, steps, setup, force, profile))
+            step_results, wall_s = _run_steps(folder, steps, setup, force, profile)
+            outcome = Outcome(folder, step_results)
+            _conclude(step_results, wall_s)
             _finish(folder, tracking_uri, track)
         except Interrupted as e:
             e.results_dir = folder
@@ -159,15 +169,16 @@ def run_ablation(
 
 def _run_steps(
     folder: Path, steps: list[ResolvedStep], setup: dict[str, Any], force: bool, profile: bool
-) -> list[StepResult]:
-    out = []
+) -> tuple[list[StepResult], dict[str, float]]:
+    """Every step's result (kept or new) and the wall seconds of the steps run now."""
+    out, wall_s, view = [], {}, console.StepView()
     for step in steps:
         spec = setup | {
             "index": step.index,
             "step": step.name,
             "patches": list(step.patches),
             "configs": step.configs,
-            "tolerance": step.tolerance,
+            **tolerance_spec(step, setup),
             "note": step.note,
             "results_dir": str(folder.resolve()),
             "cache_dir": str(cache_root()),
@@ -175,19 +186,38 @@ def _run_steps(
         }
         kept = None if force else reusable(folder, step, spec)
         if kept is not None:
-            _say(f"step {step.index:02d} {step.name}: kept ({kept.status}, results exist)")
+            _say(f"step {step.index:02d} {step.name}: kept ({kept.status}, results exist; --force reruns it)")
             out.append(kept)
             continue
         _write_json(folder / "specs" / _filename(step), spec)
+        start = time.monotonic()
         if step.skip_reason:
             result = _skip(step, spec)
         elif bad := config_error(step):
             result = _fail(step, spec, bad)
         else:
-            result = _spawn(folder, step, spec)
-        _say(_summary(result))
+            result = _spawn(folder, step, spec, view)
+            wall_s[step.name] = time.monotonic() - start
+        base = next((r.img_s for r in out if r.index == 0 and r.status == "ok"), None)
+        line = console.result_line(result, base)
+        if result.status == "failed" and step.name in wall_s:
+            line += f"; log: {folder / 'logs' / Path(_filename(step)).with_suffix('.log')}"
+        if step.name in wall_s:
+            view.finish(line)
+        else:
+            _say(line)
         out.append(result)
-    return out
+    return out, wall_s
+
+
+def tolerance_spec(step: ResolvedStep, setup: dict[str, Any]) -> dict[str, Any]:
+    """The plan bound a step is gated with, and a line saying where its tolerance comes from."""
+    if not step.tolerance:
+        return {"tolerance": {}, "tolerance_source": "declared (the patches' composed tolerances)"}
+    bound = ", ".join(f"{k}={v:g}" for k, v in sorted(step.tolerance.items()))
+    if why := setup["bounds_off"]:
+        return {"tolerance": {}, "tolerance_source": f"declared; plan bound {bound} not applied: {why}"}
+    return {"tolerance": step.tolerance, "tolerance_source": f"declared, tightened by the plan: {bound}"}
 
 
 def check_inputs(model: str, device: str, mode: str, batch_size: int, images: int, prompts: int | None) -> None:
@@ -220,11 +250,10 @@ def check_patches(names: list[str], device: str) -> None:
 
 
 def resolve_weights(model: str, weights: str | None) -> str | None:
-    """None stays None (tiny's shipped weights, hash-checked); vit_* default to random; "official" is fetched here,
-    once; a checkpoint path must fit the model and is made absolute."""
+    """None: tiny's shipped weights (hash-checked), the official checkpoint for vit_*; "official" is fetched here,
+    once, into the cache; a checkpoint path must fit the model and is made absolute."""
     if weights is None and model != "tiny":
-        _say(f"WARNING: {model} with RANDOM weights (no --weights given): speed only, accuracy vs GT is meaningless")
-        return "random"
+        weights = "official"
     if weights is None:
         try:
             verified_tiny_weights()
@@ -238,7 +267,13 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
 
         if model not in checkpoints.CHECKPOINTS:
             raise UsageError(f"no official checkpoint for {model}; official: {', '.join(checkpoints.CHECKPOINTS)}")
-        weights = str(checkpoints.resolve(model))  # downloaded and verified in the cache
+        try:
+            weights = str(checkpoints.resolve(model))  # downloaded once and verified, in the cache
+        except checkpoints.DownloadError as e:
+            raise UsageError(
+                f"cannot download the official {model} checkpoint ({_first_line(str(e))}); "
+                "for a speed-only measurement without it, pass --weights random"
+            ) from None
     path = Path(weights)
     if not path.is_file():
         why = "a folder" if path.is_dir() else "not found"
@@ -339,7 +374,7 @@ def resolve_data(data: str) -> str:
             datasets.load_dataset(data, 1, cache_root())
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return data
+        return data if ":" in data else f"noise:{datasets.PROMPTS}"  # one spelling, so plan bounds can match it
     raise UsageError(f"unknown data {data!r}; valid: synthetic, coco (fetched), coco:DIR, noise[:P]")
 
 
@@ -397,41 +432,67 @@ def _fail(step: ResolvedStep, spec: dict[str, Any], reason: str) -> StepResult:
     return result
 
 
-def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult:
-    """Run the step in a fresh process, relaying its output; a crash without a result is recorded as failed."""
+def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console.StepView) -> StepResult:
+    """Run the step in a fresh process: its output to its log file, its phases to `view`; a crash without a
+    result is recorded as failed with the log's last lines."""
     path = folder / _filename(step)
     path.unlink(missing_ok=True)
-    (folder / "logs").mkdir(exist_ok=True)
+    log_path = folder / "logs" / Path(_filename(step)).with_suffix(".log")
+    log_path.parent.mkdir(exist_ok=True)
     started = utc_now()
-    _say(f"step {step.index:02d} {step.name}: {' + '.join(step.patches) or 'fp32 baseline'}")
-    tail: deque[str] = deque(maxlen=STDERR_TAIL)
-    with (
-        open(folder / "logs" / Path(_filename(step)).with_suffix(".log"), "w") as log,
-        subprocess.Popen(
-            [*STEP_COMMAND, str(folder / "specs" / _filename(step))],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=os.environ | {"PYTHONUNBUFFERED": "1"},  # progress arrives as it is printed
-            preexec_fn=functools.partial(_die_with, os.getpid()) if _LIBC else None,
-        ) as proc,
-    ):
+    view.start(f"step {step.index:02d} {step.name}", " + ".join(step.patches) or "fp32 baseline")
+    events, child_end = os.pipe()
+    with open(log_path, "w") as log:
         try:
-            for line in proc.stdout:
-                sys.stderr.write(line)
-                log.write(line)
-                tail.append(line)
-            code = proc.wait()
-        except BaseException:  # interrupted: the step goes too, without a result (a finished one stays)
-            _stop(proc)
-            raise
+            proc = subprocess.Popen(
+                [*STEP_COMMAND, str(folder / "specs" / _filename(step))],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child_end,),
+                env=os.environ | {"PYTHONUNBUFFERED": "1", console.EVENTS_FD: str(child_end)},
+                preexec_fn=functools.partial(_die_with, os.getpid()) if _LIBC else None,
+            )
+        finally:
+            os.close(child_end)  # the child holds its own copy: end of file when it exits
+        with proc:
+            try:
+                _relay(events, view)
+                code = proc.wait()
+            except BaseException:  # interrupted: the step goes too, without a result (a finished one stays)
+                _stop(proc)
+                view.finish(f"step {step.index:02d} {step.name}: interrupted (its log: {log_path})")
+                raise
+            finally:
+                os.close(events)
     if path.is_file():
         return results.read(path)
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     result = _result(step, spec, status="failed", reason=f"step process {why} without writing a result")
-    result.error, result.started_at, result.finished_at = "".join(tail), started, utc_now()
+    result.error, result.started_at, result.finished_at = _tail(log_path), started, utc_now()
     results.write(result, folder)
     return result
+
+
+def _relay(fd: int, view: console.StepView) -> None:
+    """Hand the step's phase events to the view until the step closes its end; tick the view once a second."""
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    view.event(json.loads(line))
+        view.tick()
+
+
+def _tail(log_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return "".join(deque(log_path.open(errors="replace"), maxlen=STDERR_TAIL))
+    return ""
 
 
 def _die_with(runner_pid: int) -> None:
@@ -542,12 +603,13 @@ def _set_aside_stale(folder: Path, current: list[str]) -> None:
             _say(f"moved {path.name} (not a step of this plan) to {folder / 'stale'}")
 
 
-def _summary(r: StepResult) -> str:
-    head = f"step {r.index:02d} {r.step}: {r.status}"
-    if r.status != "ok":
-        return f"{head} ({r.reason})"
-    gate = r.gate + (f": {'; '.join(r.gate_violations)}" if r.gate_violations else "")
-    return f"{head}, {r.img_s:.2f} img/s, p50 {r.latency_ms_p50:.1f} ms, gate {gate}"
+def _conclude(step_results: list[StepResult], wall_s: dict[str, float]) -> None:
+    """The summary table and the totals a user needs to judge the run."""
+    console.summary(step_results, wall_s)
+    warm = sum(r.compile_s or 0.0 for r in step_results if r.step in wall_s)
+    failed = [r.step for r in step_results if r.status == "failed" or r.gate == "fail"]
+    ran = f"{len(wall_s)} step process(es) ran in {sum(wall_s.values()):.0f}s, {warm:.0f}s of it compiling/warming up"
+    _say(ran + (f"; FAILED: {', '.join(failed)}" if failed else "; every gate passed"))
 
 
 def _key(spec: dict[str, Any]) -> dict[str, Any]:
@@ -570,4 +632,4 @@ def _first_line(text: str) -> str:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    console.say(line)

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from samrepro import bench, env, flops, results
+from samrepro.console import emit
 from samrepro.kernels import COUNTERS
 from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
 from samrepro.models import fp32_reference_mode, load_model
@@ -28,6 +28,7 @@ from samrepro.results import StepResult, utc_now
 from samrepro.workload import Sample
 
 BASELINE = "baseline.pt"
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # every step of every run on this machine shares it (yours wins if set)
 # What the baseline step shares with every later step of a run.
 INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "weights_sha256", "data")
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m samrepro.step SPEC_JSON_PATH", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
+    os.environ.setdefault(INDUCTOR_CACHE, str(env.inductor_cache(Path(spec["cache_dir"]), spec["device"])))
     result = StepResult(
         model=spec["model"],
         device=spec["device"],
@@ -81,14 +83,17 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
         p.name: p.config_cls.from_dict(spec["configs"].get(p.name, {})).to_dict() for p in patches
     }
     result.changes_weights = any(p.changes_weights for p in patches)
+    emit("loading")
     samples, data_label = data.load_dataset(spec["data"], spec["images"], Path(spec["cache_dir"]))
     samples = limit_prompts(samples, spec["prompts"])
     sam, result.weights = load_model(spec["model"], spec["device"], spec["weights"])
     fp32_reference_mode()
+    emit("patching")
     apply_patches(sam, result.patches, spec["configs"])  # never undone: the process ends with the step
-    result.env = env.capture(spec["plan"]) | {"data": data_label}
+    result.env = env.capture(spec["plan"]) | {"data": data_label, "inductor_cache": os.environ[INDUCTOR_CACHE]}
 
-    out = bench.run(sam, samples, spec["batch_size"], progress=Progress(f"{spec['index']:02d} {spec['step']}"))
+    emit("compiling" if any(get_patch(n).compiles for n in result.patches) else "warming")
+    out = bench.run(sam, samples, spec["batch_size"], progress=lambda done, n: emit("timing", done=done, total=n))
     result.env["memory_source"] = out.memory_source
     result.images, result.prompts_per_image = out.images, out.prompts / out.images
     result.img_s, result.compile_s = out.img_s, out.compile_s
@@ -100,6 +105,7 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
     result.miou_gt = out.miou_gt
     result.kernel_paths = dict(COUNTERS)  # which hand-written kernel paths ran (triton_attn counts its calls)
 
+    emit("gating")
     if spec["index"] == 0:
         save_baseline(folder / BASELINE, out, {k: spec[k] for k in INPUT_KEYS})
         result.gate, result.reason = "skipped", "reference step"
@@ -130,7 +136,7 @@ def gate(result: StepResult, out: bench.BenchResult, baseline_path: Path, spec: 
     for name in result.patches:
         tol = tol.compose(get_patch(name).tolerance)
     tol = dataclasses.replace(tol, **spec["tolerance"])
-    result.tolerance = tol.to_dict()
+    result.tolerance, result.tolerance_source = tol.to_dict(), spec.get("tolerance_source", "")
     if not baseline_path.is_file():
         result.gate, result.reason = "skipped", f"no fp32 baseline ({baseline_path.name}): the first step did not run"
         return
@@ -185,25 +191,6 @@ def limit_prompts(samples: list[Sample], limit: int | None) -> list[Sample]:
         dataclasses.replace(s, points=cut(s.points), labels=cut(s.labels), boxes=cut(s.boxes), gt_masks=cut(s.gt_masks))
         for s in samples
     ]
-
-
-class Progress:
-    """Images done / total with an ETA, on stderr, at most every few seconds."""
-
-    def __init__(self, label: str, every_s: float = 2.0) -> None:
-        self.label, self.every_s, self.start, self.last = label, every_s, 0.0, 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == 0:  # warm-up finished
-            self.start = self.last = now
-            print(f"[{self.label}] warm-up done, timing {total} images", file=sys.stderr, flush=True)
-            return
-        if done < total and now - self.last < self.every_s:
-            return
-        self.last = now
-        eta = (now - self.start) / done * (total - done)
-        print(f"[{self.label}] {done}/{total} images, ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

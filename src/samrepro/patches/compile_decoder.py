@@ -46,6 +46,7 @@ PATCH = register_patch(
         name="compile_decoder",
         summary="torch.compile of the mask decoder's predict_masks (no CUDA graphs, dynamic shapes)",
         config_cls=CompileDecoderConfig,
+        compiles=True,
         apply_fn=_apply,
         # As `compile` (reassociation only); the encoder is untouched, so its embeddings stay exact.
         tolerance=dataclasses.replace(REORDERED, embedding_sqnr_min_db=math.inf),

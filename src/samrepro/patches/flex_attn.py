@@ -145,6 +145,7 @@ PATCH = register_patch(
         name="flex_attn",
         summary="encoder attention in compiled FlexAttention with the rel-pos bias as a score_mod (no HW x HW bias)",
         config_cls=FlexAttnConfig,
+        compiles=True,
         apply_fn=_apply,
         # fp32 on CPU (torch 2.11, TF32 off), vs the fp32 model with the same weights; sdpa's math in one kernel:
         #   shipped tiny (sha256 0e9574bd), fixed validation subset (48 images, batches of 8): SQNR 135.4 dB, agreement
