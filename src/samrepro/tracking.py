@@ -6,6 +6,10 @@ folder) from the start and `samrepro.results_key` (hash of that folder plus ever
 once everything is logged. Logging a folder again whose key matches a complete run is skipped (its id is returned);
 a folder whose contents changed (a resumed plan) or whose earlier logging broke off replaces its old runs, which are
 soft-deleted together with their children. mlflow is imported inside functions only.
+
+What the MLflow UI shows: runs carry the steps' own start and end times (they are logged after the fact), the data
+set as their input, and the metrics users compare (TABLE_METRICS). Each experiment is tagged as model training and
+holds a saved view of the runs table (steps in plan order, those metrics as columns); `experiment_url` opens it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -25,9 +30,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from samrepro import results
-from samrepro.report import env_fields, flatten, plan_name, read_plan
+from samrepro.report import baseline, env_fields, flatten, plan_name, read_plan
 from samrepro.results import StepResult
 
+LAYOUT = 2  # in the results key: runs logged by an older layout of this module are replaced when logged again
 ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite store's database file
 FOLDER_TAG = "samrepro.folder_key"
 KEY_TAG = "samrepro.results_key"  # set last: a parent run carrying it is complete
@@ -50,11 +56,40 @@ METRICS = (
     "miou_agreement",
     "embedding_sqnr_db",
 )
+# What the runs table shows as columns; speedup is img_s over the fp32 step's, gate_pass 1/0 (none when skipped).
+TABLE_METRICS = ("img_s", "speedup", "peak_mem_mib", "miou_agreement", "miou_gt", "gate_pass", "compile_s")
+# MLflow 3 tags an experiment's kind; a UI that reads it opens a model-training experiment on its runs. The 3.17 UI
+# follows its sidebar's GenAI / model-training switch instead, which `workflowType` in the address sets.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+WORKFLOW = "machine_learning"
+# A view of the runs table kept in an experiment tag, as the UI's "share" button keeps one; `viewStateShareKey` in
+# the address loads it. Sorting by run name lists every run flat, in plan order ("00 fp32", "01 bf16", ...):
+# the UI nests children under their (collapsed) parent only when runs are sorted by start time. The columns come
+# in this order, TABLE_METRICS first (the UI's default columns are source, models and dataset, no metrics).
+VIEW_KEY = "samrepro"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS = [*(f"metrics.`{m}`" for m in TABLE_METRICS), "tags.`gate`", "params.`plan`", "attributes.`Dataset`"]
+RUNS_VIEW = {
+    "orderByKey": "tags.`mlflow.runName`",
+    "orderByAsc": True,
+    "selectedColumns": VIEW_COLUMNS,
+    "columnOrder": VIEW_COLUMNS,
+}
+DATA_CONTEXT = "eval"  # the input tag mlflow.data.context: the images are measured on, not trained on
 MAX_PARAM, MAX_TAG = 6000, 8000  # MLflow's value length limits
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached; nothing was logged and the result JSONs are untouched."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The data a run measured on, logged as the run's input."""
+
+    name: str  # the StepResult env's data label, e.g. "synthetic-val(seed=0, n=16)"
+    source: str  # the data spec the runner was given ("synthetic", "noise:8", "coco:/abs/folder"), else the label
+    digest: str  # of name and source only: the same on every re-logging
 
 
 @dataclass
@@ -69,6 +104,7 @@ class RunSpec:
     files: dict[str, str] = field(default_factory=dict)  # artifact file name -> text
     start_ms: int | None = None
     end_ms: int | None = None
+    dataset: DatasetSpec | None = None
 
 
 class Tracker(Protocol):
@@ -95,13 +131,59 @@ def experiment_name(plan_info: dict) -> str:
     return f"samrepro/{plan_info['model']}/{plan_info['device']}"
 
 
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the saved view, from the UI's base address."""
+    query = urllib.parse.urlencode({"workflowType": WORKFLOW, "viewStateShareKey": VIEW_KEY})
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def ui_address(tracking_uri: str, port: int, host: str = "127.0.0.1") -> str:
+    """What `samrepro ui` prints: the runs of the store's one samrepro experiment, else the UI's start page.
+
+    A sqlite store that does not exist yet is not created; a store that cannot be read gives the start page.
+    """
+    base = f"http://{host}:{port}/"
+    db = tracking_uri.removeprefix("sqlite:///").split("?")[0]
+    if tracking_uri.startswith("sqlite:///") and not Path(db).exists():
+        return base
+    try:
+        from mlflow import MlflowClient
+
+        with _env(PROBE_HTTP):
+            found = MlflowClient(tracking_uri).search_experiments(filter_string="name LIKE 'samrepro/%'")
+    except Exception:
+        return base
+    return experiment_url(base, found[0].experiment_id) if len(found) == 1 else base
+
+
+def dataset_spec(r: StepResult, plan_info: dict | None = None) -> DatasetSpec | None:
+    """The step's data set, named by its env's data label; None for results that do not record one."""
+    name = str(r.env.get("data") or "")[:500]  # MLflow's limit on a dataset name
+    if not name:
+        return None
+    source = str((plan_info or {}).get("data") or name)
+    return DatasetSpec(name, source, _sha(json.dumps([name, source]))[:16])
+
+
 def results_key(results_dir: Path, step_results: list[StepResult], plan_info: dict) -> str:
-    data = [str(Path(results_dir).resolve()), plan_info, [r.to_dict() for r in step_results]]
+    data = [LAYOUT, str(Path(results_dir).resolve()), plan_info, [r.to_dict() for r in step_results]]
     return _sha(json.dumps(data, sort_keys=True, default=str))
 
 
-def step_run(r: StepResult) -> RunSpec:
-    """The child run of one step."""
+def step_metrics(r: StepResult, base_img_s: float | None = None) -> dict[str, float | None]:
+    """A step's metrics (None where not measured): METRICS, speedup over `base_img_s` (the fp32 step's), gate_pass.
+
+    Peak memory is what the step measured itself (CUDA max allocated, or peak RSS). MLflow's system metrics are not
+    logged, even where psutil/pynvml are installed: MLflow samples them live while a run is open, and these runs are
+    logged after the steps have finished, so there is nothing true to sample.
+    """
+    speedup = r.img_s / base_img_s if base_img_s and r.img_s is not None else None
+    gate_pass = {"pass": 1.0, "fail": 0.0}.get(r.gate)
+    return {m: getattr(r, m) for m in METRICS} | {"speedup": speedup, "gate_pass": gate_pass}
+
+
+def step_run(r: StepResult, base_img_s: float | None = None, dataset: DatasetSpec | None = None) -> RunSpec:
+    """The child run of one step; `base_img_s` is the fp32 step's throughput, `dataset` defaults to the label's."""
     params = {
         "step": r.step,
         "index": r.index,
@@ -124,7 +206,7 @@ def step_run(r: StepResult) -> RunSpec:
         "changes_weights": r.changes_weights,
         **env_fields(r.env, "env"),
     }
-    values = {m: getattr(r, m) for m in METRICS} | {f"kernel_path.{k}": v for k, v in r.kernel_paths.items()}
+    values = step_metrics(r, base_img_s) | {f"kernel_path.{k}": v for k, v in r.kernel_paths.items()}
     metrics, nonfinite = _finite(values, 0)
     tags |= {f"nonfinite.{k}": v for k, v in nonfinite.items()}  # e.g. SQNR of identical outputs is inf
     return RunSpec(
@@ -136,11 +218,15 @@ def step_run(r: StepResult) -> RunSpec:
         files={r.filename(): json.dumps(r.to_dict(), indent=2, sort_keys=True)},
         start_ms=_ms(r.started_at),
         end_ms=_ms(r.finished_at),
+        dataset=dataset or dataset_spec(r),
     )
 
 
 def ablation_run(results_dir: Path, step_results: list[StepResult], plan_info: dict) -> RunSpec:
-    """The parent run: plan params, environment tags, and each step's metrics as a series over the plan index."""
+    """The parent run: plan params, environment tags, and each step's metrics as a series over the plan index.
+
+    It spans plan.json's `started_at`..`finished_at` where given, else the earliest step start to the latest step end.
+    """
     gates = Counter(r.gate for r in step_results)
     folder = str(Path(results_dir).resolve())
     tags = {
@@ -150,14 +236,28 @@ def ablation_run(results_dir: Path, step_results: list[StepResult], plan_info: d
         "gates": " ".join(f"{g}={gates[g]}" for g in results.GATES),
         **env_fields(step_results[0].env, "env"),
     }
-    metrics = [m for r in step_results for m in _finite({k: getattr(r, k) for k in METRICS}, r.index)[0]]
+    base = baseline(step_results)
+    base_img_s = base.img_s if base else None
+    metrics = [m for r in step_results for m in _finite(step_metrics(r, base_img_s), r.index)[0]]
+    starts = [t for t in (_ms(r.started_at) for r in step_results) if t is not None]
+    ends = [t for t in (_ms(r.finished_at) for r in step_results) if t is not None]
     return RunSpec(
         name=f"{plan_name(plan_info)} {plan_info.get('mode', '')}".strip() or "ablation",
         params=_strings(flatten(plan_info | {"plan": plan_name(plan_info)}), MAX_PARAM),
         tags=_strings(tags, MAX_TAG),
         metrics=metrics,
         files={"plan.json": json.dumps(plan_info, indent=2, sort_keys=True, default=str)},
+        start_ms=_ms(str(plan_info.get("started_at") or "")) or min(starts, default=None),
+        end_ms=_ms(str(plan_info.get("finished_at") or "")) or max(ends, default=None),
+        dataset=dataset_spec(step_results[0], plan_info),
     )
+
+
+def step_runs(step_results: list[StepResult], plan_info: dict) -> list[RunSpec]:
+    """The child runs of an ablation, with speed-ups over its fp32 step."""
+    base = baseline(step_results)
+    base_img_s = base.img_s if base else None
+    return [step_run(r, base_img_s, dataset_spec(r, plan_info)) for r in step_results]
 
 
 class MlflowTracker:
@@ -183,12 +283,12 @@ class MlflowTracker:
                     client.delete_run(child.info.run_id)
                 client.delete_run(run.info.run_id)
             parent_id = _log_run(client, exp_id, parent)
-            for r in step_results:
-                _log_run(client, exp_id, step_run(r), parent_id)
+            for spec in step_runs(step_results, plan_info):
+                _log_run(client, exp_id, spec, parent_id)
             if report_dir is not None:
                 client.log_artifacts(parent_id, str(report_dir), "report")
             client.set_tag(parent_id, KEY_TAG, key)
-            client.set_terminated(parent_id, "FINISHED")
+            client.set_terminated(parent_id, "FINISHED", end_time=parent.end_ms)
         return parent_id
 
     def _probe(self) -> Any:
@@ -205,12 +305,17 @@ class MlflowTracker:
         return client
 
     def _experiment(self, client: Any, name: str) -> str:
+        """The experiment's id, created if new; its kind and runs view are (re)set, so older experiments get them."""
         found = client.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
-        root = artifact_root(self.tracking_uri)
-        location = root.joinpath(*name.split("/")).as_uri() if root else None
-        return client.create_experiment(name, artifact_location=location)
+            exp_id = found.experiment_id
+        else:
+            root = artifact_root(self.tracking_uri)
+            location = root.joinpath(*name.split("/")).as_uri() if root else None
+            exp_id = client.create_experiment(name, artifact_location=location)
+        client.set_experiment_tag(exp_id, KIND_TAG, KIND)
+        client.set_experiment_tag(exp_id, VIEW_TAG, json.dumps(RUNS_VIEW))
+        return exp_id
 
 
 @dataclass
@@ -242,7 +347,7 @@ class MemoryTracker:
         parent.tags[KEY_TAG] = key
         parent_id = uuid.uuid4().hex
         self.runs.append(LoggedRun(parent_id, None, parent, report_dir))
-        self.runs += [LoggedRun(uuid.uuid4().hex, parent_id, step_run(r)) for r in step_results]
+        self.runs += [LoggedRun(uuid.uuid4().hex, parent_id, spec) for spec in step_runs(step_results, plan_info)]
         return parent_id
 
 
@@ -273,11 +378,26 @@ def _log_run(client: Any, exp_id: str, spec: RunSpec, parent_id: str | None = No
         metrics=[Metric(k, v, stamp, step) for k, v, step in spec.metrics],
         params=[Param(k, v) for k, v in spec.params.items()],
     )
+    if spec.dataset is not None:
+        client.log_inputs(run_id, [_dataset_input(spec.dataset)])
     for name, text in spec.files.items():
         client.log_text(run_id, text, name)
     if parent_id:
         client.set_terminated(run_id, spec.status, end_time=spec.end_ms)
     return run_id
+
+
+def _dataset_input(d: DatasetSpec) -> Any:
+    """A run input naming the data set; only its description is stored, no data is uploaded."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if d.source.startswith("coco:"):  # a folder on this machine: MLflow's "local" source type, by its path
+        kind, source = "local", {"uri": d.source.removeprefix("coco:")}
+    else:  # generated by samrepro.data: a "code" source holding the spec
+        kind, source = "code", {"tags": {"samrepro.data": d.source}}
+    dataset = Dataset(d.name, d.digest, kind, json.dumps(source))
+    return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXT)])
 
 
 @contextlib.contextmanager
