@@ -31,7 +31,7 @@ def gates(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def ablate(session: nox.Session) -> None:
-    """`nox -s ablate -- vit_b cuda [--plan blog ...]`; no arguments: tiny on cuda (blog) if a GPU is here, else cpu."""
+    """`nox -s ablate -- vit_b cuda [--plan blog ...]`; no arguments: tiny on cuda (blog-ro) if a GPU is here, else cpu."""
     args = session.posargs
     if args and (len(args) < 2 or args[0] not in MODELS or args[1].split(":")[0] not in DEVICES):
         session.error(USAGE)
@@ -58,4 +58,6 @@ def ui(session: nox.Session) -> None:
 def _default_ablation(session: nox.Session) -> list[str]:
     probe = "import torch; print(torch.cuda.is_available())"
     cuda = session.run("python", "-c", probe, silent=True).strip().endswith("True")
-    return ["tiny", "cuda", "--plan", "blog"] if cuda else ["tiny", "cpu", "--plan", "cpu"]
+    # tiny is launch-bound: CUDA graphs without autotuning (blog-ro) is what helps it, and max-autotune's
+    # minutes of GEMM tuning bought nothing (reports/2026-12-04-h200-named-commands)
+    return ["tiny", "cuda", "--plan", "blog-ro"] if cuda else ["tiny", "cpu", "--plan", "cpu"]

@@ -54,10 +54,12 @@ def build_parser() -> Parser:
     ab.add_argument("--images", type=positive, default=32)
     ab.add_argument("--prompts", type=positive, help="at most this many prompts per image (default: all)")
     ab.add_argument(
-        "--weights", help="'random', 'official' or a checkpoint path (default: shipped for tiny, random for vit_*)"
+        "--weights", help="'official', 'random' or a checkpoint path (default: shipped for tiny, official for vit_*)"
     )
     ab.add_argument(
-        "--data", default="synthetic", help="synthetic, coco:DIR or noise[:P] (1024px noise, P points each)"
+        "--data",
+        default="synthetic",
+        help="synthetic, coco (after `samrepro data fetch coco`), coco:DIR or noise[:P] (1024px noise, P points each)",
     )
     ab.add_argument("--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB)")
     ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
@@ -170,9 +172,10 @@ def log(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def ui(args: argparse.Namespace, argv: list[str]) -> int:
-    from samrepro.tracking import default_tracking_uri
+    from samrepro.tracking import default_tracking_uri, ui_address
 
     uri = args.tracking_uri or default_tracking_uri(Path.cwd())
+    print(f"samrepro: MLflow UI at {ui_address(uri, args.port)}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
     return subprocess.call([*cmd, "--backend-store-uri", uri])
 

@@ -143,7 +143,7 @@ def summary(rows: list[StepResult], wall_s: dict[str, float]) -> None:
             _num(r.miou_agreement, ".4f"),
             r.gate if r.status == "ok" else r.reason or r.status,
         )
-    CONSOLE.print(table)
+    CONSOLE.print(table, width=None if CONSOLE.is_terminal else 160)  # off a terminal rich assumes 80 columns
 
 
 def _num(value: float | None, fmt: str, suffix: str = "") -> str:

@@ -43,7 +43,8 @@ def unmeasured(step: str) -> str | None:
 
 def figures(step: str, model: str, batch_size: int, device: str = "") -> list[Figure]:
     """One figure per source that measured `step` on `model`, at its batch size nearest `batch_size` (ties go to
-    the larger); sources that ran on the same kind of device as `device` come first."""
+    the larger); with `device`, only sources that ran on that kind of device (an A100's speed-ups say little
+    about a CPU run, and the other way round)."""
     out = []
     for name, src in sources().items():
         rows = {int(bs): steps for bs, steps in src.get(model, {}).items() if step in steps}
@@ -58,7 +59,7 @@ def figures(step: str, model: str, batch_size: int, device: str = "") -> list[Fi
         out.append(
             Figure(name, src["hardware"], src["device"], src["url"], bs, row.get("img_s"), row.get("miou"), speedup)
         )
-    return sorted(out, key=lambda f: f.device != device_kind(device))
+    return [f for f in out if not device or f.device == device_kind(device)]
 
 
 def device_kind(device: str) -> str:

@@ -589,7 +589,9 @@ def _finish(folder: Path, tracking_uri: str | None, track: bool) -> None:
         _say(f"{later} (tracking unavailable: {e})")
         return
     try:
-        _say(f"logged to MLflow: {tracking.log_results_dir(folder, tracking_uri)}")
+        run_id = tracking.log_results_dir(folder, tracking_uri)
+        store = tracking_uri or tracking.default_tracking_uri(Path.cwd())
+        _say(f"MLflow: parent run {run_id} in {store}; browse it with `samrepro ui` (or `nox -s ui`)")
     except tracking.TrackingUnavailable as e:
         _say(f"{later} ({e})")
 
