@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,71 @@ def test_unreadable_plan_file(tmp_path):
     path.write_bytes(b'name = "\xff"\n')
     with pytest.raises(PlanError, match=f"{path}: cannot read the plan: .*utf-8"):
         plans.load(path)
+
+
+CALIBRATED = """
+[calibrated]
+models = ["vit_b", "vit_h"]
+data = "noise:8"
+batch_size = 16
+weights = "random"
+evidence = "reports/somewhere"
+"""
+RUN = {"model": "vit_b", "data": "noise:8", "batch_size": 16, "weights": "random"}
+
+
+def test_plan_bounds_apply_only_on_the_calibrated_workload(tmp_path):
+    plan = plans.load(write(tmp_path, GOOD + CALIBRATED))
+    assert plan.bounds_apply(RUN) is None
+    assert plan.bounds_apply(RUN | {"model": "vit_h"}) is None
+    assert (
+        plan.bounds_apply(RUN | {"model": "tiny"})
+        == "plan bounds were calibrated on models ['vit_b', 'vit_h'], this run has tiny"
+    )
+    assert (
+        plan.bounds_apply(RUN | {"data": "synthetic"})
+        == "plan bounds were calibrated on data noise:8, this run has synthetic"
+    )
+    assert "batch_size 16, this run has 8" in plan.bounds_apply(RUN | {"batch_size": 8})
+    assert plans.load(write(tmp_path, GOOD)).bounds_apply(RUN | {"model": "tiny"}) is None  # no table: the plan's claim
+    assert plan.to_dict()["calibrated"]["data"] == "noise:8"  # part of the hash
+    assert plan.hash() != plans.load(write(tmp_path, GOOD)).hash()
+
+
+def test_runner_gates_with_the_plan_bound_only_where_it_holds(tmp_path):
+    from samrepro import runner
+
+    plan = plans.load(write(tmp_path, GOOD + CALIBRATED))
+    step = plans.resolve(plan, "cumulative", lambda names: None)[2]
+    here = runner.tolerance_spec(step, RUN | {"bounds_off": plan.bounds_apply(RUN)})
+    assert here == {
+        "tolerance": {"agreement_miou_min": 0.5},
+        "tolerance_source": "declared, tightened by the plan: agreement_miou_min=0.5",
+    }
+    elsewhere = runner.tolerance_spec(step, {"bounds_off": plan.bounds_apply(RUN | {"data": "synthetic"})})
+    assert elsewhere["tolerance"] == {}
+    assert elsewhere["tolerance_source"].startswith(
+        "declared; plan bound agreement_miou_min=0.5 not applied: plan bounds"
+    )
+
+
+def test_every_shipped_plan_bound_names_where_it_was_calibrated():
+    for name in plans.available_plans():
+        plan = plans.load(plans.find_plan(name))
+        if any(s.tolerance for s in plan.steps):
+            assert {"data", "batch_size", "weights", "evidence"} <= set(plan.calibrated), name
+            for folder in plan.calibrated["evidence"].split(", "):
+                assert (Path(__file__).resolve().parents[1] / folder).is_dir(), (name, folder)
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('[calibrated]\nplace = "x"', "calibrated: unknown key(s) ['place']"),
+        ("[calibrated]\nbatch_size = 1.5", "calibrated.batch_size: must be an integer"),
+        ('[calibrated]\nmodels = "vit_b"', "calibrated.models: must be a list"),
+    ],
+)
+def test_bad_calibrated_tables(tmp_path, table, message):
+    with pytest.raises(PlanError, match=re.escape(message)):
+        plans.load(write(tmp_path, GOOD + table))
