@@ -20,7 +20,8 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="a tiny checkpoint (default: the shipped, hash-checked weights)")
     args = parser.parse_args()
     fp32_reference_mode()
-    sam, weights = load_model("tiny", weights=args.weights)
+    sam = load_model("tiny", weights=args.weights)
+    weights = sam.weights_label
     samples, data = load_dataset("synthetic", args.images, args.data_dir)
     preds = []
     for i in range(0, len(samples), args.batch_size):

@@ -154,7 +154,7 @@ def saf_contender(args, device: torch.device, info: dict):
     # a file made for another model lacks this model's shapes: flash_4 then autotunes those (its log says so)
     info["flash_4_configs"] = f"file present in {Path.cwd()}" if present else "autotuned in the warm-up"
     sam = saf.sam_model_registry[args.model]()  # fp32, uncompiled, SAF's modules
-    sam.load_state_dict(load_model(args.model, "cpu", "random", args.seed)[0].state_dict())  # strict: same names
+    sam.load_state_dict(load_model(args.model, "cpu", "random", args.seed).state_dict())  # strict: same names
     builders = importlib.import_module(f"{saf.__name__}.build_sam")  # `saf.build_sam` is a function
     sam = builders._apply_eval_dtype_sam(sam.to(device), SAF_DTYPE)  # what build_sam_fast_* does, then compile
     if args.compile_mode != "none":
@@ -196,7 +196,8 @@ def build(name: str, args, device: torch.device, record: dict):
     """make_batch and run_batch of one contender; its model lives only in them, so it goes when they do."""
     if name == "saf":
         return saf_contender(args, device, record)
-    sam, record["weights"] = load_model(args.model, str(device), "random", args.seed)
+    sam = load_model(args.model, str(device), "random", args.seed)
+    record["weights"] = sam.weights_label
     if name == "samrepro":
         patches, given = args.samrepro_patches, args.samrepro_configs
         record["patches"] = patches  # and every config field, defaults included:

@@ -54,14 +54,14 @@ def device(request: pytest.FixtureRequest) -> str:
 def tiny_ref(device: str):
     """The fp32 tiny model: shipped trained weights when present, else seeded random ones."""
     weights = None if TINY_WEIGHTS.exists() else "random"
-    sam, _ = load_model("tiny", device=device, weights=weights)
+    sam = load_model("tiny", device=device, weights=weights)
     return sam
 
 
 @pytest.fixture(scope="module")
 def fp32_model():
     """Seeded random-weight tiny model; tests change deep copies of it (the `sam` fixture)."""
-    return load_model("tiny", weights="random")[0]
+    return load_model("tiny", weights="random")
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def knob_values() -> dict:
 @pytest.fixture
 def sam():
     fp32_reference_mode()
-    model, _ = load_model("tiny", weights="random")
+    model = load_model("tiny", weights="random")
     yield model
     torch._dynamo.reset()
 
@@ -237,7 +237,7 @@ def test_composes_after_sync_free(sam, spy_compiler):
 @pytest.mark.heavy  # the registry gate (tests/test_gates.py) already compiles the default config in CI
 def test_within_tolerance_default_mode(sam):
     """Real inductor compile (mode=default) of the tiny encoder, measured against the eager fp32 model."""
-    ref, _ = load_model("tiny", weights="random")
+    ref = load_model("tiny", weights="random")
     outside = outside_state()
     handle = PATCH.apply(sam, CompileConfig(mode="default"))
     measured = compare(ref, sam, samples())
@@ -255,8 +255,8 @@ def test_within_tolerance_default_mode(sam):
 def test_within_tolerance_default_config(device):
     """The shipped config (max-autotune + seed knobs; CUDA graphs on CUDA, none on CPU)."""
     fp32_reference_mode()
-    ref, _ = load_model("tiny", device=device, weights="random")
-    sam, _ = load_model("tiny", device=device, weights="random")
+    ref = load_model("tiny", device=device, weights="random")
+    sam = load_model("tiny", device=device, weights="random")
     outside = outside_state()
     start = time.perf_counter()
     handle = PATCH.apply(sam)
@@ -275,7 +275,7 @@ def test_within_tolerance_default_config(device):
 @pytest.mark.parametrize("clone_output", [True, False])
 def test_kept_outputs_survive_cudagraph_replays(clone_output):
     fp32_reference_mode()
-    sam, _ = load_model("tiny", device="cuda", weights="random")
+    sam = load_model("tiny", device="cuda", weights="random")
     x1, x2 = torch.randn(2, 1, 3, 256, 256, device="cuda")
     counters.clear()
     # As in the plan, after sync_free (seen on H200: CUDA graphs are recorded with or without it).

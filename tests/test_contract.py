@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import samrepro
+from samrepro import registry
 from samrepro.patch import PatchConfig, PatchError, PatchUnavailable, Requires, Tolerance
 from samrepro.registry import PATCH_ORDER, apply_patches, get_patch, list_patches, ordered, register_patch
 
-EXPECTED = {
-    *("bf16", "sync_free", "compile", "sdpa", "triton_attn", "batched_decoder"),
-    *("int8_dynamic", "fp8", "sparse24", "flex_attn"),
-}
 
-
-def test_registry_lists_the_issue_patches_with_tolerances():
-    assert EXPECTED <= set(samrepro.list_patches())
+def test_registry_lists_every_built_in_patch_with_tolerances():
+    assert samrepro.list_patches() == list(PATCH_ORDER)
     for name in samrepro.list_patches():
         patch = samrepro.get_patch(name)
         assert isinstance(patch.tolerance, Tolerance) and patch.summary
@@ -42,13 +38,31 @@ def test_unknown_patch_lists_valid_names():
         get_patch("nope")
 
 
-def test_duplicate_and_unordered_registration_refused():
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The registry as it is now, restored after the test: outside registrations stay in the test."""
+    monkeypatch.setattr(registry, "_PATCHES", dict(registry._PATCHES))
+    monkeypatch.setattr(registry, "_ORDER", list(registry._ORDER))
+
+
+def test_duplicate_registration_refused(scratch_registry):
     with pytest.raises(PatchError, match="already registered"):
         register_patch(get_patch("sync_free"))
-    stray = copy.copy(get_patch("sync_free"))
-    object.__setattr__(stray, "name", "stray")
-    with pytest.raises(PatchError, match="PATCH_ORDER"):
-        register_patch(stray)
+
+
+def test_outside_patches_take_the_place_they_ask_for(scratch_registry):
+    def outside(name: str):
+        stray = copy.copy(get_patch("sync_free"))
+        object.__setattr__(stray, "name", name)
+        return stray
+
+    register_patch(outside("mine"))  # default: just before compile, which wraps what the others change
+    register_patch(outside("early"), before="bf16")
+    names = list_patches()
+    assert names.index("mine") == names.index("compile") - 1 and names[0] == "early"
+    assert ordered(["compile", "mine", "early"]) == ["early", "mine", "compile"]
+    with pytest.raises(PatchError, match="before unknown patch 'nope'"):
+        register_patch(outside("lost"), before="nope")
 
 
 def test_list_patches_filters_with_wildcards():
@@ -108,3 +122,15 @@ def test_tolerance_composition_adds_errors():
     assert Tolerance().compose(Tolerance()).embedding_sqnr_min_db == math.inf
     with pytest.raises(ValueError):
         Tolerance(agreement_miou_min=1.5)
+
+
+def test_plan_bounds_tighten_and_never_loosen():
+    declared = Tolerance(
+        agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35, iou_pred_max_abs=0.05
+    )
+    tighter = declared.tighten({"agreement_miou_min": 0.98, "iou_pred_max_abs": 0.01})
+    assert tighter == Tolerance(
+        agreement_miou_min=0.98, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35, iou_pred_max_abs=0.01
+    )
+    looser = {"agreement_miou_min": 0.5, "gt_miou_drop_max": 0.5, "embedding_sqnr_min_db": 1.0, "iou_pred_max_abs": 1.0}
+    assert declared.tighten(looser) == declared

@@ -10,7 +10,8 @@ from samrepro import models
 
 
 def test_tiny_loads_the_shipped_weights_by_default():
-    sam, label = models.load_model("tiny")
+    sam = models.load_model("tiny")
+    label = sam.weights_label
     assert label.startswith("sam_tiny.safetensors sha256:")
     assert sum(p.numel() for p in sam.parameters()) == sum(p.numel() for p in models.build_tiny().parameters())
 
@@ -34,5 +35,5 @@ def test_explicit_choices_and_clear_errors(tmp_path):
         models.load_model("vit_x", weights="random")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         models.load_model("tiny", weights=tmp_path / "missing.pth")
-    _, label = models.load_model("tiny", weights="random", seed=3)
+    label = models.load_model("tiny", weights="random", seed=3).weights_label
     assert label == "random(seed=3)"

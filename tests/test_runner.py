@@ -55,7 +55,7 @@ def sample(rng: np.random.Generator, h: int, w: int, prompts: int) -> Sample:
 def tiny():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CI machine's 2 cores are shared; more threads only spin
-    sam, _ = load_model("tiny", "cpu", "random")
+    sam = load_model("tiny", "cpu", "random")
     yield sam
     torch.set_num_threads(threads)
 
@@ -102,7 +102,7 @@ def test_gate_against_the_stored_baseline_can_fail(tiny, tmp_path):
     samples = [sample(np.random.default_rng(2), 96, 128, 2), sample(np.random.default_rng(3), 80, 80, 1)]
     spec = {k: None for k in step.INPUT_KEYS} | {"tolerance": {}}
     step.save_baseline(tmp_path / step.BASELINE, bench.run(tiny, samples, 2), {k: spec[k] for k in step.INPUT_KEYS})
-    other, _ = load_model("tiny", "cpu", "random", seed=1)
+    other = load_model("tiny", "cpu", "random", seed=1)
     for model, verdict in ((tiny, "pass"), (other, "fail")):
         result = StepResult("tiny", "cpu", 2, "s", 1, [], "ok", "skipped", "random(seed=0)")
         step.gate(result, bench.run(model, samples, 2), tmp_path / step.BASELINE, spec)
@@ -215,7 +215,7 @@ def test_changed_weights_file_is_not_resumed(env_vars, monkeypatch, tmp_path):
     plan.write_text(E2E_PLAN)
     for seed in (0, 1):  # same path, new contents: the second run must not keep the first run's steps
         save_file(
-            {k: v.contiguous() for k, v in load_model("tiny", weights="random", seed=seed)[0].state_dict().items()},
+            {k: v.contiguous() for k, v in load_model("tiny", weights="random", seed=seed).state_dict().items()},
             path,
         )
         calls = fake_step(monkeypatch, tmp_path) if seed else None

@@ -41,7 +41,7 @@ def test_run_writes_loadable_weights_json_and_report(tmp_path):
     assert meta["sha256"] == sha256(weights)
     assert (meta["steps"], meta["stopped_by"], meta["val_images"]) == (4, "steps", 2)
     assert 0.0 <= meta["val_miou"] <= 1.0
-    _, label = load_model("tiny", weights=weights)
+    label = load_model("tiny", weights=weights).weights_label
     assert meta["sha256"][:12] in label
     history = json.loads((report / "history.json").read_text())
     assert [r["step"] for r in history["train"]] == [2, 4]
@@ -100,7 +100,7 @@ def test_normalize_is_sam_preprocess():
 
 @torch.no_grad()
 def test_decode_matches_predict_masks():
-    sam, _ = load_model("tiny", weights="random")
+    sam = load_model("tiny", weights="random")
     torch.manual_seed(0)
     emb = torch.randn(1, 128, 16, 16)  # one image's embedding
     points, labels = torch.rand(5, 2, 2) * 256, torch.tensor([[1, 0]] * 5)

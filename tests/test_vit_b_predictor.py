@@ -19,7 +19,7 @@ ONE_MASK = {"best_mask_only"}  # its contract: only the best of the 3 multimask 
 
 @pytest.fixture(scope="module")
 def vit_b():
-    sam, _ = load_model("vit_b", weights="random")
+    sam = load_model("vit_b", weights="random")
     return sam
 
 

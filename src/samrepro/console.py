@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -128,7 +129,7 @@ def result_line(r: StepResult, fp32_img_s: float | None) -> str:
 def summary(rows: list[StepResult], wall_s: dict[str, float]) -> None:
     """The table printed at the end of an ablation; `wall_s` is each step process's wall time (steps run now)."""
     base = next((r.img_s for r in rows if r.index == 0 and r.status == "ok"), None)
-    table = Table(title="summary", title_justify="left")
+    table = Table(title="summary", title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("step", "status", "img/s", "vs fp32", "peak MiB", "warm-up s", "wall s", "agreement", "gate"):
         table.add_column(name, justify="left" if name in ("step", "status", "gate") else "right")
     for r in rows:
@@ -143,7 +144,9 @@ def summary(rows: list[StepResult], wall_s: dict[str, float]) -> None:
             _num(r.miou_agreement, ".4f"),
             r.gate if r.status == "ok" else r.reason or r.status,
         )
-    CONSOLE.print(table, width=None if CONSOLE.is_terminal else 160)  # off a terminal rich assumes 80 columns
+    if not CONSOLE.is_terminal:
+        CONSOLE.width = max(CONSOLE.width, 160)  # off a terminal rich assumes 80 columns and would wrap the table
+    CONSOLE.print(table)
 
 
 def _num(value: float | None, fmt: str, suffix: str = "") -> str:

@@ -106,8 +106,8 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(name: str, device: str = "cpu", weights: str | Path | None = None, seed: int = 0) -> tuple[Sam, str]:
-    """The model in eval mode on `device` and a label for its weights.
+def load_model(name: str, device: str = "cpu", weights: str | Path | None = None, seed: int = 0) -> Sam:
+    """The model in eval mode on `device`; `sam.weights_label` says which weights it holds.
 
     Args:
         weights: "random" (seeded, labelled as such), "official" (Meta's checkpoint, downloaded into the
@@ -132,7 +132,8 @@ def load_model(name: str, device: str = "cpu", weights: str | Path | None = None
             raise FileNotFoundError(f"checkpoint not found: {path}")
         sam.load_state_dict(load_state(path))
         label = f"{path.name} sha256:{sha256(path)[:12]}"
-    return sam.to(device).eval(), label
+    sam.weights_label = label  # e.g. "random(seed=0)" or "sam_vit_b_01ec64.pth sha256:ec2df6273261"
+    return sam.to(device).eval()
 
 
 def fp32_reference_mode() -> None:

@@ -47,6 +47,13 @@ class Tolerance:
             iou_pred_max_abs=self.iou_pred_max_abs + other.iou_pred_max_abs,
         )
 
+    def tighten(self, bounds: dict[str, float]) -> Tolerance:
+        """This tolerance with `bounds` wherever they demand more; a bound that would loosen it is ignored."""
+        stricter = {"agreement_miou_min": max, "embedding_sqnr_min_db": max, "gt_miou_drop_max": min}
+        return Tolerance(**{
+            k: stricter.get(k, min)(v, bounds[k]) if k in bounds else v for k, v in dataclasses.asdict(self).items()
+        })  # fmt: skip
+
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 

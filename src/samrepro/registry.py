@@ -1,8 +1,16 @@
-"""Register, list, look up and apply patches by name."""
+"""Register, list, look up and apply patches by name; patches from outside the package register the same way.
+
+Outside patches come from a module that calls `register_patch` when imported, named in an entry point of the
+group `samrepro.patches` (an installed package) or in `SAMREPRO_PATCHES` (comma-separated module names, for code on
+the path). Both reach every step process, so the runner and the gates treat them as built-in patches.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import importlib.metadata
+import os
 from typing import Any
 
 from torch import nn
@@ -29,24 +37,54 @@ PATCH_ORDER = (
     "compile",
 )
 
+ENTRY_POINTS = "samrepro.patches"
+MODULES_ENV = "SAMREPRO_PATCHES"
+
 _PATCHES: dict[str, Patch] = {}
+_ORDER: list[str] = list(PATCH_ORDER)  # the built-ins, and outside patches where they asked to go
+_outside_loaded = False
 
 
-def register_patch(patch: Patch) -> Patch:
+def register_patch(patch: Patch, before: str = "compile") -> Patch:
+    """Add a patch to the registry. A built-in takes its place in PATCH_ORDER; any other name is placed just
+    before `before` (default `compile`, which wraps the encoder the others change)."""
     if patch.name in _PATCHES:
         raise PatchError(f"a patch named {patch.name!r} is already registered")
-    if patch.name not in PATCH_ORDER:
-        raise PatchError(f"{patch.name!r} has no place in PATCH_ORDER; add it there")
+    if patch.name not in _ORDER:
+        if before not in _ORDER:
+            raise PatchError(f"cannot place {patch.name!r} before unknown patch {before!r}; known: {_ORDER}")
+        _ORDER.insert(_ORDER.index(before), patch.name)
     _PATCHES[patch.name] = patch
     return patch
 
 
+def load_outside_patches() -> None:
+    """Import the modules that register outside patches, once per process; a module that fails names itself."""
+    global _outside_loaded
+    if _outside_loaded:
+        return
+    _outside_loaded = True
+    names = [m.strip() for m in os.environ.get(MODULES_ENV, "").split(",") if m.strip()]
+    for module in names:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise PatchError(f"{MODULES_ENV}: module {module!r} failed to import: {type(e).__name__}: {e}") from e
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        try:
+            entry.load()
+        except Exception as e:
+            raise PatchError(f"entry point {entry.name!r} ({entry.value}) failed to load: {e}") from e
+
+
 def list_patches(pattern: str = "*") -> list[str]:
     """Registered patch names matching a shell-style pattern, in application order."""
-    return [n for n in PATCH_ORDER if n in _PATCHES and fnmatch.fnmatch(n, pattern)]
+    load_outside_patches()
+    return [n for n in _ORDER if n in _PATCHES and fnmatch.fnmatch(n, pattern)]
 
 
 def get_patch(name: str) -> Patch:
+    load_outside_patches()
     try:
         return _PATCHES[name]
     except KeyError:
@@ -59,7 +97,7 @@ def ordered(names: list[str]) -> list[str]:
         get_patch(name)
     if len(set(names)) != len(names):
         raise PatchError(f"a patch is listed twice in {names}")
-    return sorted(names, key=PATCH_ORDER.index)
+    return sorted(names, key=_ORDER.index)
 
 
 def apply_patches(

@@ -594,6 +594,8 @@ def _finish(folder: Path, tracking_uri: str | None, track: bool) -> None:
         _say(f"MLflow: parent run {run_id} in {store}; browse it with `samrepro ui` (or `nox -s ui`)")
     except tracking.TrackingUnavailable as e:
         _say(f"{later} ({e})")
+    except Exception as e:  # any other MLflow failure: the results on disk still stand
+        _say(f"{later} (MLflow failed: {type(e).__name__}: {_first_line(str(e))})")
 
 
 def _set_aside_stale(folder: Path, current: list[str]) -> None:

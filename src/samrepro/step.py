@@ -86,7 +86,8 @@ def run(spec: dict[str, Any], result: StepResult) -> None:
     emit("loading")
     samples, data_label = data.load_dataset(spec["data"], spec["images"], Path(spec["cache_dir"]))
     samples = limit_prompts(samples, spec["prompts"])
-    sam, result.weights = load_model(spec["model"], spec["device"], spec["weights"])
+    sam = load_model(spec["model"], spec["device"], spec["weights"])
+    result.weights = sam.weights_label
     fp32_reference_mode()
     emit("patching")
     apply_patches(sam, result.patches, spec["configs"])  # never undone: the process ends with the step
@@ -135,7 +136,7 @@ def gate(result: StepResult, out: bench.BenchResult, baseline_path: Path, spec: 
     tol = Tolerance()
     for name in result.patches:
         tol = tol.compose(get_patch(name).tolerance)
-    tol = dataclasses.replace(tol, **spec["tolerance"])
+    tol = tol.tighten(spec["tolerance"])  # a plan bound can demand more than declared, never less
     result.tolerance, result.tolerance_source = tol.to_dict(), spec.get("tolerance_source", "")
     if not baseline_path.is_file():
         result.gate, result.reason = "skipped", f"no fp32 baseline ({baseline_path.name}): the first step did not run"
