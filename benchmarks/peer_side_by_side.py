@@ -16,7 +16,7 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
-    # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/h100-session6).
+    # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls).
     # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
     # autotuning 60 configs; samrepro vit_b 143 s with compile's default coordinate-descent tuning. The vit_h call
     # with that tuning on ran past 10 minutes inside samrepro's warm-up, hence the config above.
@@ -70,7 +70,7 @@ SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 FLASH_4_CONFIGS = "flash_4_configs.p"  # SAF's flash_4 keeps its autotuned choice in this file of the cwd
 MIB = 1 << 20
 # beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the session-7
-# kernel: vit_h 64.10 with it, 64.66 without; reports/h100-session7); BEST adds fp8_fused (reports/h100-session8, -9)
+# kernel: vit_h 64.10 with it, 64.66 without; reports/2026-11-21-h100-onehot-kernel-and-peer); BEST adds fp8_fused (reports/2026-11-21-h100-fp8_fused-and-relgemm, -9)
 KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
 

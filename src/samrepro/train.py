@@ -329,7 +329,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("results/data"), help="cache of the validation set")
     p.add_argument("--init", type=Path, help="start from these weights (a continued run) instead of a fresh init")
     p.add_argument("--out", type=Path, default=models.TINY_WEIGHTS.parent)
-    p.add_argument("--report-dir", type=Path, default=Path("reports/tiny_training"))
+    p.add_argument("--report-dir", type=Path, default=Path("reports/2026-11-21-h100-tiny-training"))
     return p.parse_args(argv)
 
 

@@ -34,7 +34,7 @@ MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (se
 
 def default_launch(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int, str]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, bias) from the H100 sweeps of benchmarks/attn_bench.py, bf16, batch
-    16 (reports/h100-session7): windows 64x32, 3 stages, one-hot bias (vit_b 0.47 ms against 0.84 with per-key loads,
+    16 (reports/2026-11-21-h100-onehot-kernel-and-peer): windows 64x32, 3 stages, one-hot bias (vit_b 0.47 ms against 0.84 with per-key loads,
     vit_h split 0.73 against 1.42); global head dim 64 64x64, 4 stages (2.78 ms; the old kernel, re-reading rel_w
     every step: 3.90); global split head dim 64x64 (vit_h 4.78 ms; padded 128x64 5.57, the old kernel 10.8)."""
     if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory

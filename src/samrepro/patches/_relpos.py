@@ -54,7 +54,7 @@ def _offset_terms(
     """The same terms when q and k share one grid and the tables need no interpolation, so that upstream's
     Rh[i, j] = rel_pos_h[i - j + q_h - 1]: one GEMM of q against both tables, then each query picks its offsets.
     Upstream's two einsums ran as batched matmuls over q_h (or q_w) with copies around them: 22 of 198 ms per batch
-    in vit_h's fp8_fused step on the H100 (reports/h100-session8)."""
+    in vit_h's fp8_fused step on the H100 (reports/2026-11-21-h100-fp8_fused-and-relgemm)."""
     n, q_h, q_w, _ = r_q.shape
     table = torch.cat([rel_pos_h, rel_pos_w]).to(r_q.dtype)  # 2 q_h - 1 + 2 q_w - 1, d
     per_offset = torch.nn.functional.linear(r_q, table)  # N, q_h, q_w, 2 q_h - 1 + 2 q_w - 1

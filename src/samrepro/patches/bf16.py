@@ -182,7 +182,7 @@ def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
 # Published (SAF, COCO, trained weights): mIoU +0.008 (vit_b) / -0.003 (vit_h), encoder error 1.1-1.5% (36-39 dB).
 # So agreement >= 0.93 holds for random vit_b (0.95) with margin; the trained model sits far above it.
 # coords_fp32=False (SAF's bf16 coordinates) measures worse (random tiny: |d iou_pred| up to 0.053).
-# The decoder option (H100, random vit_b, bs16, 64 noise images x 8 prompts, reports/h100-session6): agreement
+# The decoder option (H100, random vit_b, bs16, 64 noise images x 8 prompts, reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls): agreement
 #   bfloat16 0.952, float16 0.989 (under the blog stack; 192.8 img/s against 192.7 with bf16 in session 3),
 #   float32 0.985 / tf32 0.985 alone; under beyond's stack 239.0 img/s with bf16, 239.7 fp16, 201.3 tf32, 176.5
 #   fp32: the decoder's (prompts, 4096, 256) activations make it memory-bound, so 4-byte values cost, fp16 does not.

@@ -29,7 +29,7 @@ class Fp8Config(PatchConfig):
     """fast_accum: `_scaled_mm` accumulates in lower precision (torchao's default; faster, slightly less exact).
     activation_value_lb: floor of each activation row's max |x| when its scale is chosen. SAM pads windowed blocks
     with zero tokens; without a floor their rows get scale 0 and quantize to 0/0 = NaN, which the padded keys
-    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002; reports/h100-session3)."""
+    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002; reports/2026-11-21-h100-attention-sweep-profiled-waterfalls)."""
 
     fast_accum: bool = True
     activation_value_lb: float = 1e-12

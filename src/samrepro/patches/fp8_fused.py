@@ -6,7 +6,7 @@ The same numbers as `fp8` (e4m3, one scale per token and per output channel, `to
 torchao: each Linear becomes an `Fp8RowLinear` whose input goes through `samrepro::fp8_rows`; each block's
 `mlp.act` and `norm2` become identities, so lin2 quantizes GELU(lin1's output) and lin1 norm2(x) from fp32,
 without writing either out in bf16 first. Under inductor, torchao's quantization of vit_h's MLP input ran ~3-4x
-off the memory bound and gave back most of what the float8 GEMMs saved (reports/h100-session5). Undo puts the
+off the memory bound and gave back most of what the float8 GEMMs saved (reports/2026-11-21-h100-fold_attn-split-windows-and-peer). Undo puts the
 original modules back; their weights wait on the host meanwhile.
 """
 

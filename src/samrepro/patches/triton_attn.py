@@ -34,8 +34,8 @@ class TritonAttnConfig(PatchConfig):
     bias: str = ""  # "gather" (per-key loads) or "onehot" (tensor-core dots); "" takes the table's
     # Blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to 128);
     # power-of-two head dims (vit_b, vit_l: 64) are never split. H100, vit_h bs16: windows 1.34 ms split vs 1.60
-    # padded in the full model (reports/h100-session5); with the session-7 kernel the global blocks gain too, 4.78
-    # vs 5.57 ms in the microbenchmark (reports/h100-session7), where the session-4 kernel lost (10.8 vs 9.5).
+    # padded in the full model (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); with the session-7 kernel the global blocks gain too, 4.78
+    # vs 5.57 ms in the microbenchmark (reports/2026-11-21-h100-onehot-kernel-and-peer), where the session-4 kernel lost (10.8 vs 9.5).
     split_windows: bool = True
     split_global: bool = True
     # Windowed blocks compute their rel terms inside the kernel from the position tables (one dot and a gather per
