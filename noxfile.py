@@ -57,7 +57,8 @@ def ui(session: nox.Session) -> None:
 
 def _default_ablation(session: nox.Session) -> list[str]:
     probe = "import torch; print(torch.cuda.is_available())"
-    cuda = session.run("python", "-c", probe, silent=True).strip().endswith("True")
+    out = session.run("python", "-c", probe, silent=True)  # None under --install-only: nothing runs then
+    cuda = (out or "").strip().endswith("True")
     # tiny is launch-bound: CUDA graphs without autotuning (blog-ro) is what helps it, and max-autotune's
     # minutes of GEMM tuning bought nothing (reports/2026-12-04-h200-named-commands)
     return ["tiny", "cuda", "--plan", "blog-ro"] if cuda else ["tiny", "cpu", "--plan", "cpu"]
