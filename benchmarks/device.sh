@@ -23,7 +23,7 @@ case $part in
     python3 -c "import torch,triton,torchvision,torchao,segment_anything as s;print(torch.__version__,triton.__version__,torchvision.__version__,torchao.__version__,torch.cuda.get_device_name())"
     ;;
   train)
-    python3 -m samrepro.train --device cuda --out /tmp/train/weights --report-dir /tmp/train/2026-11-21-h100-tiny-training "$@" 2>&1 \
+    python3 -m samrepro.train --device cuda --out /tmp/train/weights --report-dir /tmp/train/tiny-training "$@" 2>&1 \
       | tee "$OUT/train.log"
     tar czf "$OUT/train.tgz" -C /tmp/train .
     ;;
