@@ -1,8 +1,9 @@
 """Which part of the bf16 model loses agreement with fp32: the encoder, or the prompt encoder and mask decoder?
 
 Runs the fp32 and the bf16 image encoder once, then the decoder in several precisions on those embeddings, and
-prints agreement mIoU (best of 3 by predicted IoU, threshold 0) against the fp32 model's masks. Session 6 (CPU, 2
-cores, ~4 min): python benchmarks/agreement_sources.py --model vit_b --images 4
+prints agreement mIoU (best of 3 by predicted IoU, threshold 0) against the fp32 model's masks. On a 2-core CPU
+(~4 min; reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls):
+python benchmarks/agreement_sources.py --model vit_b --images 4
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One lent-GPU call: install the carried wheels, then run PART. Outputs land under $OUT (tarred).
-# Usage (device tool, repo root, carry [".whl"]): bash benchmarks/device.sh PART [args]
+# One GPU run: install the wheels in .whl/, then run PART. Outputs land under $OUT (tarred).
+# Usage (repo root, wheels in .whl/): bash benchmarks/device.sh PART [args]
 #   env      versions of what is there
 #   train    train the tiny model (args go to samrepro.train); weights and report in $OUT/train.tgz
 #   gates    the equivalence gates on cuda

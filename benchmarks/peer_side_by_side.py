@@ -4,11 +4,11 @@ Same seeded random weights and workload for all: 1024x1024 seeded noise images, 
 single-point prompts per image through the decoder (multimask_output=True, best of 3 by predicted IoU, threshold 0).
 Prints and writes (JSON) img/s, warm-up (compile) seconds, peak memory and agreement mIoU with the official masks.
 
-GPU run. The device machine has no internet, so SAF travels as a git-ignored shallow clone inside the repo:
-    # here, once (after `fetch github:pytorch-labs/segment-anything-fast`):
-    git clone --depth 1 file:///work/.mirror/pytorch-labs+segment-anything-fast/repo .peer/segment-anything-fast
+GPU run. SAF comes from a git-ignored shallow clone inside the repo, so it travels with the tree to a GPU machine
+without internet:
+    git clone --depth 1 https://github.com/pytorch-labs/segment-anything-fast .peer/segment-anything-fast
     echo /.peer/ >> .git/info/exclude
-    # device tool, carry [".whl", ".peer"], one call per model (writes $OUT/peer.json and peer.log); sessions 8-9:
+    # one run per model (writes $OUT/peer.json and peer.log); as run for the fp8_fused reports on the H100:
     bash benchmarks/device.sh peer --model vit_b --images 128 --compile-mode reduce-overhead \
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
@@ -16,15 +16,17 @@ GPU run. The device machine has no internet, so SAF travels as a git-ignored sha
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
-    # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed; reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls).
-    # Warm-up on an H100 with reduce-overhead (session 5): SAF 126 s (vit_b) and 253 s (vit_h), its flash_4 kernel
-    # autotuning 60 configs; samrepro vit_b 143 s with compile's default coordinate-descent tuning. The vit_h call
-    # with that tuning on ran past 10 minutes inside samrepro's warm-up, hence the config above.
+    # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed;
+    # reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls).
+    # Warm-up on an H100 with reduce-overhead (reports/2026-11-21-h100-fold_attn-split-windows-and-peer): SAF 126 s
+    # (vit_b) and 253 s (vit_h), its flash_4 kernel autotuning 60 configs; samrepro vit_b 143 s with compile's default
+    # coordinate-descent tuning. The vit_h run with that tuning on ran past 10 minutes inside samrepro's warm-up,
+    # hence the config above.
 
-One process, as the issue asks: SAF's import name is `segment_anything_fast` at every commit, so it cannot clash with
-the official `segment_anything`; `import_checkout` makes sure the checkout runs, not an installed copy, and takes its
-root off sys.path again (it also holds `experiments/`, `test/`, `setup.py`). Between contenders the model is freed
-and dynamo (with its CUDA graphs) reset; the memory still allocated then is recorded.
+One process, so that all three meet the same machine: SAF's import name is `segment_anything_fast` at every commit,
+so it cannot clash with the official `segment_anything`; `import_checkout` makes sure the checkout runs, not an
+installed copy, and takes its root off sys.path again (it also holds `experiments/`, `test/`, `setup.py`). Between
+contenders the model is freed and dynamo (with its CUDA graphs) reset; the memory still allocated then is recorded.
 Differences that stay, from SAF's own protocol (experiments/eval_combo.py, data.py):
 - SAF gets the image batch and prompt coordinates in bf16 before the clock starts; samrepro's bf16 keeps coords fp32.
 - SAF's nested decoder computes and upsamples 4 masks per prompt; the best of masks 1..3 is kept, as for the others
@@ -69,8 +71,9 @@ SAF_PACKAGE = "segment_anything_fast"
 SAF_DTYPE = torch.bfloat16  # build_sam_fast_*'s default
 FLASH_4_CONFIGS = "flash_4_configs.p"  # SAF's flash_4 keeps its autotuned choice in this file of the cwd
 MIB = 1 << 20
-# beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the session-7
-# kernel: vit_h 64.10 with it, 64.66 without; reports/2026-11-21-h100-onehot-kernel-and-peer); BEST adds fp8_fused (reports/2026-11-21-h100-fp8_fused-and-relgemm, -9)
+# beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the one-hot-bias
+# kernel: vit_h 64.10 with it, 64.66 without; reports/2026-11-21-h100-onehot-kernel-and-peer); BEST adds fp8_fused
+# (reports/2026-11-21-h100-fp8_fused-and-relgemm, reports/2026-11-22-h100-fp8-norm-fusion-and-peer)
 KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
 
@@ -282,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.compile_mode == "none":
             p.error("--compile-mode none: drop compile from --samrepro-patches")
         args.samrepro_configs.setdefault("compile", {}).setdefault("mode", args.compile_mode)
-    if "samrepro" in args.contenders and "bf16" in args.samrepro_patches:  # as in the blog plans (session 6)
+    if "samrepro" in args.contenders and "bf16" in args.samrepro_patches:  # as in the blog plans (fp16 decoder)
         args.samrepro_configs.setdefault("bf16", {}).setdefault("decoder", "float16")
     if "saf" in args.contenders and args.saf_dir is None:
         p.error("the saf contender needs --saf-dir")

@@ -28,7 +28,7 @@ def test_counter_matches_the_count_by_hand(model):
     assert encoder_flops(model) == by_hand(*ARCH[model])
 
 
-def test_vit_h_is_the_issues_5_96_tflop_and_rate():
+def test_vit_h_is_5_96_tflop_and_rate():
     assert round(encoder_flops("vit_h") / 1e12, 2) == 5.96
     assert tflop_s("vit_h", 16, 16 * 17.27e-3) == pytest.approx(345.2, abs=0.1)
     assert tflop_s("vit_h", 16, 0.0) is None

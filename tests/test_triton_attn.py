@@ -32,7 +32,7 @@ if HAS_TRITON:
     def published_rel_bias(
         rh_row, rw_row, q_mask, start_n, offs_n, KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr
     ):
-        """SAF's index (REFERENCE §3.6): the key block taken for one grid row, row = start_n // BLOCK_N."""
+        """SAF's index (its step-6 kernel): the key block taken for one grid row, row = start_n // BLOCK_N."""
         key = start_n + offs_n
         rh = tl.load(rh_row + start_n // BLOCK_N, mask=q_mask, other=0.0)[:, None]
         rw = tl.load(rw_row[:, None] + (key % KW)[None, :], mask=q_mask[:, None] & (key < KH * KW)[None, :], other=0.0)

@@ -1,4 +1,4 @@
-"""The timed workload and its protocol (DESIGN.md "Measurement protocol", SAF-compatible without its bias).
+"""The timed workload and its protocol (docs/measurement.md, SAF-compatible without its bias).
 
 Per batch of B images: the encoder on the batch, then `predict_torch` per real image (+ IoU against ground
 truth on the device). Inputs, prompts and ground truth are on the device before the clock starts. The last

@@ -16,7 +16,7 @@ __all__ = ["SPECS", "center_point", "iter_coco", "load_coco", "load_dataset", "n
 
 def load_dataset(spec: str, num_images: int, cache_dir: Path) -> tuple[list[Sample], str]:
     """Samples and a results label for `spec`: the synthetic validation split (cached), COCO val2017 (first n), or
-    `noise[:P]`, the issues' speed workload: 1024x1024 noise images with P (default 8) points each, no ground truth."""
+    `noise[:P]`, the speed workload: 1024x1024 noise images with P (default 8) points each, no ground truth."""
     if spec == "synthetic":
         root = Path(cache_dir) / f"synthetic-val-{DEFAULT_SEED}-{num_images}"
         samples = load_coco(root / "images", write_coco(root, num_images, DEFAULT_SEED, split="val"))

@@ -1,4 +1,4 @@
-"""The issues' speed workload: seeded noise square images, each with P single foreground points, no ground truth."""
+"""The speed workload: seeded noise square images, each with P single foreground points, no ground truth."""
 
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ For each row r of x (M, K), with f the erf GELU or the identity, after an option
 torchao's row-wise float8 activation scaling (it divides by s instead: the codes may differ in the last bit). Each
 program reads its rows twice (for the max, then for the codes; the second read is meant to hit L2, not measured)
 and writes q once; GELU is computed once per element. Under inductor the same quantization ran ~3-4x off the
-memory bound on vit_h's MLP (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); this kernel: vit_h lin2's input 0.67 ms against inductor's
-1.92 and the bf16 GELU alone 0.56 (reports/2026-11-21-h100-fp8_fused-and-relgemm). With the LayerNorm, a first pass takes each row's mean
-and variance, and the normalized rows are never written in bf16.
+memory bound on vit_h's MLP (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); this kernel: vit_h lin2's
+input 0.67 ms against inductor's 1.92 and the bf16 GELU alone 0.56 (reports/2026-11-21-h100-fp8_fused-and-relgemm).
+With the LayerNorm, a first pass takes each row's mean and variance, and the normalized rows are never written in
+bf16.
 
 Registered as the custom op `samrepro::fp8_rows` with a fake implementation, as rel_pos_attention is (and for
 the same reason: tests run it in Triton's CPU interpreter). Forward only.
@@ -127,7 +128,8 @@ def default_launch(k: int, norm: bool = False) -> tuple[int, int, int]:
     largest power of two <= K / 2, 4 warps; 256 wide with the LayerNorm. From the H100 sweeps at M = 78,400, ms
     against the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720), K = 1280 2x512 0.127 (8x256
     0.162); vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417 (2x1024 0.408)
-    (reports/2026-11-21-h100-fp8_fused-and-relgemm); vit_h K = 1280 with the norm 4x256 0.183, 2x512 0.263 (reports/2026-11-22-h100-fp8-norm-fusion-and-peer)."""
+    (reports/2026-11-21-h100-fp8_fused-and-relgemm); vit_h K = 1280 with the norm 4x256 0.183, 2x512 0.263
+    (reports/2026-11-22-h100-fp8-norm-fusion-and-peer)."""
     block_k = 256 if norm else 1024 if k >= 2048 else max(16, 1 << (k // 2).bit_length() - 1)
     return max(1, 1024 // block_k), block_k, 4
 

@@ -1,4 +1,4 @@
-"""Flash-attention forward with SAM's decomposed relative-position bias fused in (REFERENCE §3.6).
+"""Flash-attention forward with SAM's decomposed relative-position bias fused in (SAF step 6).
 
 out = softmax_keys(scale * q·k + rel_h[q, key // kw] + rel_w[q, key % kw]) @ v, keys on a kh x kw grid. The
 (N_q, N_k) bias is never materialised: every key block gathers its two terms from rel_h (N_q, kh) and rel_w
@@ -29,14 +29,15 @@ PATH = "rel_pos_attention.triton"  # the COUNTERS key; there is no fallback path
 LOG2E = tl.constexpr(math.log2(math.e))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp32 dots run in IEEE, not TF32
 MAX_HEAD_DIM = 256
-MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (session 7); the table never uses 256
+MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (2026-11-21); the table never uses 256
 
 
 def default_launch(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int, str]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, bias) from the H100 sweeps of benchmarks/attn_bench.py, bf16, batch
-    16 (reports/2026-11-21-h100-onehot-kernel-and-peer): windows 64x32, 3 stages, one-hot bias (vit_b 0.47 ms against 0.84 with per-key loads,
-    vit_h split 0.73 against 1.42); global head dim 64 64x64, 4 stages (2.78 ms; the old kernel, re-reading rel_w
-    every step: 3.90); global split head dim 64x64 (vit_h 4.78 ms; padded 128x64 5.57, the old kernel 10.8)."""
+    16 (reports/2026-11-21-h100-onehot-kernel-and-peer): windows 64x32, 3 stages, one-hot bias (vit_b 0.47 ms
+    against 0.84 with per-key loads, vit_h split 0.73 against 1.42); global head dim 64 64x64, 4 stages (2.78 ms;
+    the old kernel, re-reading rel_w every step: 3.90); global split head dim 64x64 (vit_h 4.78 ms; padded 128x64
+    5.57, the old kernel 10.8)."""
     if itemsize == 4:  # fp32 tiles are twice as big: keep K/V stages for head dim 128 under ~100 KB of shared memory
         return 64, 32, 4, 2, "gather"
     if n_k <= 256:  # SAM's 14x14 windows (196 keys): key blocks cross grid rows, so the bias is two one-hot dots

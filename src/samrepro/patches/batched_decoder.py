@@ -1,5 +1,5 @@
 """batched_decoder: the prompts of a whole image batch through one prompt-encoder and one mask-decoder call
-(SAF step 7, REFERENCE §3.7, in the packed layout of §3.7e).
+(SAF step 7, in a packed layout: the prompts of all images concatenated).
 
 SAF packed the prompts into a jagged NestedTensor and rewrote the decoder for it; here the prompts of all
 images are concatenated densely (ΣN_i prompts), each prompt gets its own image's embedding, and the official

@@ -1,5 +1,5 @@
 """best_mask_only: the mask decoder hands on only the multimask output with the highest predicted IoU, so only
-that mask is upsampled to the image and thresholded (issue #7, "the decoder path").
+that mask is upsampled to the image and thresholded (beyond the blog: the decoder path).
 
 The workload keeps one mask per prompt (the best of 3 by predicted IoU), but upstream upsamples all 3 to the
 original image size first: at 1024 px that is 3 x 4 MiB of fp32 per prompt through two bilinear resizes. Here the

@@ -1,4 +1,4 @@
-"""bf16: image encoder, prompt encoder and mask decoder in bfloat16 (SAF step 2, REFERENCE §3.2); optionally the
+"""bf16: image encoder, prompt encoder and mask decoder in bfloat16 (SAF step 2); optionally the
 prompt encoder and mask decoder run in fp16 or stay in fp32 (config `decoder`)."""
 
 from __future__ import annotations
@@ -182,8 +182,9 @@ def _apply(sam: Sam, config: Bf16Config, undo: Undo) -> None:
 # Published (SAF, COCO, trained weights): mIoU +0.008 (vit_b) / -0.003 (vit_h), encoder error 1.1-1.5% (36-39 dB).
 # So agreement >= 0.93 holds for random vit_b (0.95) with margin; the trained model sits far above it.
 # coords_fp32=False (SAF's bf16 coordinates) measures worse (random tiny: |d iou_pred| up to 0.053).
-# The decoder option (H100, random vit_b, bs16, 64 noise images x 8 prompts, reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls): agreement
-#   bfloat16 0.952, float16 0.989 (under the blog stack; 192.8 img/s against 192.7 with bf16 in session 3),
+# The decoder option (H100, random vit_b, bs16, 64 noise images x 8 prompts,
+#   reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls): agreement bfloat16 0.952, float16 0.989 (under the
+#   blog stack; 192.8 img/s against 192.7 with bf16 in reports/2026-11-21-h100-attention-sweep-profiled-waterfalls),
 #   float32 0.985 / tf32 0.985 alone; under beyond's stack 239.0 img/s with bf16, 239.7 fp16, 201.3 tf32, 176.5
 #   fp32: the decoder's (prompts, 4096, 256) activations make it memory-bound, so 4-byte values cost, fp16 does not.
 #   CPU, random tiny, same bf16 embeddings (tests/test_bf16.py): fp16 decoder logits 55.7 dB from fp32's, bf16 37.8.

@@ -1,9 +1,10 @@
 """channels_last: the image encoder's convolutions in NHWC (weights and inputs), so cuDNN takes its tensor-core kernels.
 
-Found in the H100 profile of the blog plan (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls): vit_b's 3x3 neck conv (B, 256, 64, 64) in
-bf16 ran cuDNN's legacy `implicit_convolve_sgemm`, 4.1 ms of a 62 ms bs16 encoder, eager and compiled alike, with
-its weight in NCHW (which layout its input had was not recorded). Same math, other kernels: results change by
-summation order only. Undo restores the weight Parameters and the convolutions' forwards.
+Found in the H100 profile of the blog plan (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls): vit_b's
+3x3 neck conv (B, 256, 64, 64) in bf16 ran cuDNN's legacy `implicit_convolve_sgemm`, 4.1 ms of a 62 ms bs16
+encoder, eager and compiled alike, with its weight in NCHW (which layout its input had was not recorded). Same
+math, other kernels: results change by summation order only. Undo restores the weight Parameters and the
+convolutions' forwards.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""compile_decoder: `torch.compile` of the mask decoder's mask prediction (issue #7, "the decoder path").
+"""compile_decoder: `torch.compile` of the mask decoder's mask prediction (beyond the blog: the decoder path).
 
-The H100 profile of vit_b at batch 16 x 8 prompts (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls) showed the eager decoder spending at
-least 9 ms of its ~23 ms per batch in unfused elementwise passes over (128, 4096, 256) activations: copies for
-permutes, positional-encoding adds, layer norms. Inductor fuses those. `predict_masks` is compiled as it stands
-when applied (upstream's, or batched_decoder's per-prompt version), without CUDA graphs and with dynamic shapes
-from the first call: the number of prompts changes between batches, and with dynamo's default (static, then dynamic
-after a recompile) that recompile landed inside the timed loop (tiny, CPU, bs8 synthetic: 77.9 -> 14.3 img/s).
+The H100 profile of vit_b at batch 16 x 8 prompts (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls)
+showed the eager decoder spending at least 9 ms of its ~23 ms per batch in unfused elementwise passes over
+(128, 4096, 256) activations: copies for permutes, positional-encoding adds, layer norms. Inductor fuses those.
+`predict_masks` is compiled as it stands when applied (upstream's, or batched_decoder's per-prompt version), without
+CUDA graphs and with dynamic shapes from the first call: the number of prompts changes between batches, and with
+dynamo's default (static, then dynamic after a recompile) that recompile landed inside the timed loop (tiny, CPU,
+bs8 synthetic: 77.9 -> 14.3 img/s).
 Dynamic from the start, the same run gave 71.5 -> 72.1 img/s (p50 13.7 -> 14.0 ms): no gain on the tiny on a CPU.
-On an H100 (session 4, bs16, random weights, stacked on beyond.toml's best_mask_only step), vit_b: 202.8 -> 237.8
-img/s at 8 prompts per image, 70.2 -> 118.6 at 64; vit_h: 49.6 -> 51.3 at 8 (reports/2026-11-21-h100-decoder-compile-fp8-fix-and-peer).
+On an H100 (bs16, random weights, stacked on beyond.toml's best_mask_only step), vit_b: 202.8 -> 237.8 img/s at 8
+prompts per image, 70.2 -> 118.6 at 64; vit_h: 49.6 -> 51.3 at 8
+(reports/2026-11-21-h100-decoder-compile-fp8-fix-and-peer).
 """
 
 from __future__ import annotations

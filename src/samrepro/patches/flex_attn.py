@@ -1,4 +1,4 @@
-"""flex_attn: encoder attention through compiled FlexAttention, the rel-pos bias as a `score_mod` (REFERENCE §3.6e).
+"""flex_attn: encoder attention through compiled FlexAttention, the rel-pos bias as a `score_mod` (beyond the blog).
 
 Each image-encoder Attention instance gets its own forward: the decomposed rel-pos terms come from the unscaled q
 (`_relpos.rel_pos_terms`, as upstream and sdpa do) and are captured, unsummed, by a `score_mod` that adds

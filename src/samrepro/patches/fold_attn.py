@@ -1,15 +1,17 @@
-"""fold_attn: encoder attention with the rel-pos bias folded into the head dim, then mask-free SDPA (issue #7 lead).
+"""fold_attn: encoder attention with the rel-pos bias folded into the head dim, then mask-free SDPA (beyond the blog).
 
 The decomposed bias is a sum of two lookups, rel_h[q, key row] + rel_w[q, key column], and so a dot product:
 append the two terms (divided by the softmax scale) to each query and a one-hot of the key's row and column to each
 key, and scale * q'.k' = scale * q.k + bias, exactly. SDPA then needs no mask, so PyTorch may pick cuDNN, which
 the H100 sweep measured fastest for vit_h's global blocks: 7.0 ms against 9.5 for the Triton kernel and 17.5 for
-cuDNN with the bias built (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls, -session4; bs16, one layer, q'/k' construction included). For
+cuDNN with the bias built (reports/2026-11-21-h100-attention-sweep-profiled-waterfalls and
+reports/2026-11-21-h100-decoder-compile-fp8-fix-and-peer; bs16, one layer, q'/k' construction included). For
 windows it lost (3.1 vs 1.4-1.6 ms: 196 keys do not amortize the wider head), hence `blocks`, which picks the blocks
 it takes over; stacked after triton_attn it replaces the kernel on those blocks only. v keeps its head dim.
-In the compiled vit_h encoder on the H100 (reports/2026-11-21-h100-fold_attn-split-windows-and-peer, bs16) a global layer took 5.2 ms against 10.4 for
-the padded kernel, inductor fusing the q'/k' construction: 57.7 -> 61.6 img/s end to end. On a 2-core CPU (bf16,
-eager) a vit_b global layer took 1.50 s folded against 0.50 s for sdpa with the bias: a CUDA optimization.
+In the compiled vit_h encoder on the H100 (reports/2026-11-21-h100-fold_attn-split-windows-and-peer, bs16) a global
+layer took 5.2 ms against 10.4 for the padded kernel, inductor fusing the q'/k' construction: 57.7 -> 61.6 img/s
+end to end. On a 2-core CPU (bf16, eager) a vit_b global layer took 1.50 s folded against 0.50 s for sdpa with the
+bias: a CUDA optimization.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """fp8: torchao float8 (e4m3) dynamic-activation, float8-weight quantization of the encoder Linears with row-wise
-scales (REFERENCE §3.8e, the Hopper alternative to int8; not a SAF step).
+scales (the Hopper alternative to int8; not a SAF step).
 
 Weights get one scale per output channel, activations one per token at each call; the matmul is `torch._scaled_mm`
 (sm89+; A100 cannot run it). torchao's row-wise path takes bf16 weights only: in an fp32 model each quantized
@@ -29,7 +29,8 @@ class Fp8Config(PatchConfig):
     """fast_accum: `_scaled_mm` accumulates in lower precision (torchao's default; faster, slightly less exact).
     activation_value_lb: floor of each activation row's max |x| when its scale is chosen. SAM pads windowed blocks
     with zero tokens; without a floor their rows get scale 0 and quantize to 0/0 = NaN, which the padded keys
-    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002; reports/2026-11-21-h100-attention-sweep-profiled-waterfalls)."""
+    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002;
+    reports/2026-11-21-h100-attention-sweep-profiled-waterfalls)."""
 
     fast_accum: bool = True
     activation_value_lb: float = 1e-12
@@ -80,8 +81,8 @@ PATCH = register_patch(
         summary="encoder Linears as torchao float8 row-wise dynamic-activation x weight matmuls (weights change)",
         config_cls=Fp8Config,
         apply_fn=_apply,
-        # Set before any sm89+ run as int8_dynamic's bounds loosened for e4m3's 3 mantissa bits (REFERENCE §7: 5.3%
-        # rel. error on a random MLP vs int8's 1.7%, i.e. ~25 vs ~35 dB). First H100 measurement (session 4, random
+        # Set before any sm89+ run as int8_dynamic's bounds loosened for e4m3's 3 mantissa bits (on a random MLP:
+        # 5.3% rel. error vs int8's 1.7%, i.e. ~25 vs ~35 dB). First H100 measurement (2026-11-21, random
         # weights, bs16, stacked on beyond.toml's compile_decoder step, against fp32): vit_b SQNR 36.2 dB, agreement
         # 0.952 (0.959 without fp8); vit_h 32.5 dB, 0.964 (0.973). One run per model: the bounds keep their margin.
         tolerance=Tolerance(

@@ -1,13 +1,14 @@
 """fp8_fused: fp8's row-wise float8 encoder Linears with each activation quantized in one Triton pass, the
 MLP's GELU computed inside lin2's quantization and the LayerNorm before the MLP inside lin1's (beyond the blog;
-REFERENCE §3.8e for the float8 scheme).
+the float8 scheme is `fp8`'s).
 
 The same numbers as `fp8` (e4m3, one scale per token and per output channel, `torch._scaled_mm`), built without
 torchao: each Linear becomes an `Fp8RowLinear` whose input goes through `samrepro::fp8_rows`; each block's
 `mlp.act` and `norm2` become identities, so lin2 quantizes GELU(lin1's output) and lin1 norm2(x) from fp32,
 without writing either out in bf16 first. Under inductor, torchao's quantization of vit_h's MLP input ran ~3-4x
-off the memory bound and gave back most of what the float8 GEMMs saved (reports/2026-11-21-h100-fold_attn-split-windows-and-peer). Undo puts the
-original modules back; their weights wait on the host meanwhile.
+off the memory bound and gave back most of what the float8 GEMMs saved
+(reports/2026-11-21-h100-fold_attn-split-windows-and-peer). Undo puts the original modules back; their weights wait
+on the host meanwhile.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""int8_dynamic: torchao int8 dynamic-activation, int8-weight quantization of the encoder Linears (SAF step 8,
-REFERENCE §3.8).
+"""int8_dynamic: torchao int8 dynamic-activation, int8-weight quantization of the encoder Linears (SAF step 8).
 
 Every nn.Linear of the image encoder (qkv, proj, lin1, lin2 of each block) gets an `Int8Tensor` weight: int8 per
 output channel, symmetric; activations are quantized per token at each call and multiplied in int8 (`torch._int_mm`

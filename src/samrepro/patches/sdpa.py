@@ -1,4 +1,4 @@
-"""sdpa: encoder and decoder attention through `F.scaled_dot_product_attention` (SAF step 5, REFERENCE §3.5).
+"""sdpa: encoder and decoder attention through `F.scaled_dot_product_attention` (SAF step 5).
 
 Encoder: the decomposed relative-position terms are computed from the unscaled q exactly as upstream,
 summed into a materialized (B, heads, HW, HW) bias and passed as SDPA's float `attn_mask`; so memory

@@ -1,5 +1,5 @@
 """sparse24: 2:4 magnitude pruning of the encoder Linears, run on PyTorch's semi-structured sparse kernels
-(SAF step 9, REFERENCE §3.9).
+(SAF step 9).
 
 In every group of 4 consecutive input-dim weights of each row, the 2 largest |w| are kept and the others zeroed:
 one-shot pruning without retraining, so accuracy drops (SAF, COCO: vit_b mIoU 0.534 -> 0.478, vit_h 0.581 ->

@@ -1,4 +1,4 @@
-"""triton_attn: encoder attention through samrepro's fused rel-pos flash-attention kernel (SAF step 6, REFERENCE §3.6).
+"""triton_attn: encoder attention through samrepro's fused rel-pos flash-attention kernel (SAF step 6).
 
 Each image-encoder Attention instance gets its own forward: the decomposed rel-pos terms come from the unscaled q
 (`_relpos.rel_pos_terms`, as upstream and sdpa do) and go, unsummed, into `samrepro::rel_pos_attention`, which adds
@@ -34,8 +34,10 @@ class TritonAttnConfig(PatchConfig):
     bias: str = ""  # "gather" (per-key loads) or "onehot" (tensor-core dots); "" takes the table's
     # Blocks split a head dim that is not a power of two (vit_h: 80 = 64 + 16) instead of padding it (to 128);
     # power-of-two head dims (vit_b, vit_l: 64) are never split. H100, vit_h bs16: windows 1.34 ms split vs 1.60
-    # padded in the full model (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); with the session-7 kernel the global blocks gain too, 4.78
-    # vs 5.57 ms in the microbenchmark (reports/2026-11-21-h100-onehot-kernel-and-peer), where the session-4 kernel lost (10.8 vs 9.5).
+    # padded in the full model (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); with the one-hot-bias
+    # kernel the global blocks gain too, 4.78 vs 5.57 ms in the microbenchmark
+    # (reports/2026-11-21-h100-onehot-kernel-and-peer), where the first split kernel lost (10.8 vs 9.5;
+    # reports/2026-11-21-h100-vit_h-splitkernel-bs16-noise8).
     split_windows: bool = True
     split_global: bool = True
     # Windowed blocks compute their rel terms inside the kernel from the position tables (one dot and a gather per
@@ -116,8 +118,9 @@ PATCH = register_patch(
         apply_fn=_apply,
         # bf16's bounds, since the kernel's error on bf16 inputs is that of bf16 flash attention (fp32 accumulation).
         # On fp32 inputs it runs IEEE fp32 dots; Triton's CPU interpreter gives <= 1.3e-6 max abs error against a
-        # float64 reference (tests/test_triton_attn.py). Stacked on sdpa in the bf16 blog plan on the H100 (session
-        # 7, bs16) agreement moved 0.9887 -> 0.9888 (vit_b) and 0.9920 -> 0.9920 (vit_h). SAF's kernel: mIoU ~0.
+        # float64 reference (tests/test_triton_attn.py). Stacked on sdpa in the bf16 blog plan on the H100
+        # (2026-11-21, bs16) agreement moved 0.9887 -> 0.9888 (vit_b) and 0.9920 -> 0.9920 (vit_h). SAF's kernel:
+        # mIoU ~0.
         tolerance=Tolerance(
             agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05
         ),
