@@ -23,7 +23,7 @@ def build(tmp_path: Path, broken: bool) -> Path:
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     if broken:
         diff = ROOT / "benchmarks" / "broken" / "sdpa-scale.diff"
-        subprocess.run(["git", "apply", "--directory", ".", str(diff)], cwd=tree, check=True)
+        subprocess.run(["git", "apply", str(diff)], cwd=tree, check=True)
     return tree
 
 

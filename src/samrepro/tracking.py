@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -271,6 +272,9 @@ class MlflowTracker:
     ) -> str:
         parent = ablation_run(results_dir, step_results, plan_info)
         key = results_key(results_dir, step_results, plan_info)
+        import mlflow  # noqa: F401  (importing configures its loggers, so quiet them after)
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. "Updating database tables": not the user's news
         client = self._probe()
         with _env(LOG_ENV):
             exp_id = self._experiment(client, experiment_name(plan_info))
