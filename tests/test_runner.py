@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import samrepro
 from samrepro import bench, flops, results, runner, step
 from samrepro.models import load_model
 from samrepro.registry import list_patches
@@ -168,6 +170,8 @@ def test_e2e_results(e2e):
         assert r.encoder_tflop_s == pytest.approx(flops.encoder_flops("tiny") / r.encoder_ms / 1e9)  # no padded images
         assert r.peak_mem_mib > 0 and r.compile_s >= 0 and r.weights == "random(seed=0)"
         assert r.env["versions"]["torch"] == torch.__version__ and r.env["plan_hash"] == r.plan_hash
+        if samrepro.USER_INDUCTOR_CACHE is None:  # samrepro's shared cache, not the default torchao's import set
+            assert Path(r.env["inductor_cache"]).parent == Path(os.environ["SAMREPRO_CACHE"]) / "inductor"
         stem = folder / "traces" / f"step_{r.index:02d}_{r.step}"
         assert Path(f"{stem}.trace.json.gz").is_file() and Path(f"{stem}.ops.txt").is_file()
     setup = json.loads((folder / "plan.json").read_text())

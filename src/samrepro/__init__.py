@@ -1,9 +1,14 @@
 """samrepro: the Segment Anything, Fast optimizations as reversible, accuracy-gated patches."""
 
-from samrepro import patches  # noqa: F401  (registers every patch)
-from samrepro.models import load_model
-from samrepro.patch import Handle, Patch, PatchError, PatchUnavailable, Tolerance
-from samrepro.registry import apply_patches, get_patch, list_patches
+import os
+
+# The user's inductor cache, read before anything imports torchao, which sets inductor's default into the environment.
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+from samrepro import patches  # noqa: E402, F401  (registers every patch)
+from samrepro.models import load_model  # noqa: E402
+from samrepro.patch import Handle, Patch, PatchError, PatchUnavailable, Tolerance  # noqa: E402
+from samrepro.registry import apply_patches, get_patch, list_patches  # noqa: E402
 
 __all__ = [
     "Handle",

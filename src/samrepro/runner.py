@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+import samrepro
 from samrepro import console, env, lock, plans, results
 from samrepro.checkpoints import cache_root
 from samrepro.models import MODELS, build, sha256, verified_tiny_weights
@@ -449,7 +450,7 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 pass_fds=(child_end,),
-                env=os.environ | {"PYTHONUNBUFFERED": "1", console.EVENTS_FD: str(child_end)},
+                env=_step_env(child_end),
                 preexec_fn=functools.partial(_die_with, os.getpid()) if _LIBC else None,
             )
         finally:
@@ -471,6 +472,15 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console
     result.error, result.started_at, result.finished_at = _tail(log_path), started, utc_now()
     results.write(result, folder)
     return result
+
+
+def _step_env(events_fd: int) -> dict[str, str]:
+    """The step's environment: this one, minus the inductor cache that importing torchao set here (the step picks
+    samrepro's own unless the user chose one), plus the events pipe."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1", console.EVENTS_FD: str(events_fd)}
+    if samrepro.USER_INDUCTOR_CACHE is None:
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    return env
 
 
 def _relay(fd: int, view: console.StepView) -> None:

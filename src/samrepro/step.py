@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
+import samrepro
 from samrepro import bench, env, flops, results
 from samrepro.console import emit
 from samrepro.kernels import COUNTERS
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m samrepro.step SPEC_JSON_PATH", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
-    os.environ.setdefault(INDUCTOR_CACHE, str(env.inductor_cache(Path(spec["cache_dir"]), spec["device"])))
+    os.environ[INDUCTOR_CACHE] = samrepro.USER_INDUCTOR_CACHE or str(
+        env.inductor_cache(Path(spec["cache_dir"]), spec["device"])
+    )
     result = StepResult(
         model=spec["model"],
         device=spec["device"],
