@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from samrepro import cli, plans, registry, runner
+from samrepro import cli, models, plans, registry, runner
 from samrepro.data import write_coco
 from samrepro.models import TINY_WEIGHTS, build
 from samrepro.patch import EXACT, Patch, PatchConfig, Requires
@@ -121,9 +121,9 @@ def test_checkpoints_are_checked_before_any_step(capsys, checkpoints, model, nam
 
 
 def test_a_good_checkpoint_passes_in_either_format(checkpoints):
-    runner.check_checkpoint("tiny", checkpoints / "tiny.pth")
+    models.check_checkpoint("tiny", checkpoints / "tiny.pth")
     if TINY_WEIGHTS.exists():
-        runner.check_checkpoint("tiny", TINY_WEIGHTS)  # safetensors: read from the header only
+        models.check_checkpoint("tiny", TINY_WEIGHTS)  # safetensors: read from the header only
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from functools import partial
@@ -13,6 +14,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 MODELS = ("tiny", "vit_b", "vit_l", "vit_h")
+SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # what every SAM state dict key starts with
 TINY_WEIGHTS = Path(__file__).parent / "weights" / "sam_tiny.safetensors"
 
 
@@ -141,3 +143,57 @@ def fp32_reference_mode() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+
+
+def check_checkpoint(model: str, path: Path) -> None:
+    """The checkpoint must load strictly into `model`; checked from its keys and shapes only."""
+    try:
+        found = checkpoint_shapes(path)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read as a state dict ({type(e).__name__})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"checkpoint {path} is not a SAM state dict: {found}")
+    if not any(k.startswith(SAM_PARTS) for k in found):
+        raise ValueError(f"checkpoint {path} is not a SAM state dict: no key starts with {', '.join(SAM_PARTS)}")
+    if problem := _mismatch(found, _model_shapes(model)):
+        fits = [m for m in MODELS if m != model and not _mismatch(found, _model_shapes(m))]
+        raise ValueError(
+            f"checkpoint {path} does not fit {model}" + (f" (it is {fits[0]}'s)" if fits else "") + f": {problem}"
+        )
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
+    """Key -> shape of a state dict file, without reading tensor data; or what the file holds instead."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = torch.load(path, map_location="meta", weights_only=True)
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"not every value is a tensor (keys: {', '.join(map(str, list(state)[:5]))})"
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@functools.cache
+def _model_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes without memory or init time, even for vit_h
+        return {k: tuple(v.shape) for k, v in build(model).state_dict().items()}
+
+
+def _mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why `found` would not load strictly where `expected` is needed, in one line; None if it would."""
+    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k} {list(found[k])} vs {list(expected[k])} expected")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
+    return "; ".join(parts) or None

@@ -37,7 +37,7 @@ import torch
 import samrepro
 from samrepro import console, env, lock, plans, results
 from samrepro.checkpoints import cache_root
-from samrepro.models import MODELS, build, sha256, verified_tiny_weights
+from samrepro.models import MODELS, check_checkpoint, sha256, verified_tiny_weights
 from samrepro.plans import Plan, ResolvedStep
 from samrepro.registry import get_patch, list_patches
 from samrepro.results import StepResult, utc_now
@@ -47,7 +47,6 @@ STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
 STDERR_TAIL = 40  # lines of a crashed step's log kept in its result
 VOLATILE = ("results_dir", "cache_dir", "profile")  # spec keys that do not change what a step measures
 DEVICES = ("cpu", "cuda")
-SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # what every SAM state dict key starts with
 STOP_GRACE_S = 10  # an interrupted step process gets this long to end after SIGTERM, then SIGKILL
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
@@ -279,7 +278,10 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
     if not path.is_file():
         why = "a folder" if path.is_dir() else "not found"
         raise UsageError(f"weights must be 'random', 'official' or a checkpoint file; {why}: {weights}")
-    check_checkpoint(model, path)
+    try:
+        check_checkpoint(model, path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return str(path.resolve())
 
 
@@ -288,60 +290,6 @@ def weights_digest(weights: str | None) -> str | None:
     if weights == "random":
         return None
     return sha256(verified_tiny_weights() if weights is None else Path(weights))
-
-
-def check_checkpoint(model: str, path: Path) -> None:
-    """The checkpoint must load strictly into `model`; checked from its keys and shapes only."""
-    try:
-        found = checkpoint_shapes(path)
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} cannot be read as a state dict ({type(e).__name__})") from None
-    if not isinstance(found, dict):
-        raise UsageError(f"checkpoint {path} is not a SAM state dict: {found}")
-    if not any(k.startswith(SAM_PARTS) for k in found):
-        raise UsageError(f"checkpoint {path} is not a SAM state dict: no key starts with {', '.join(SAM_PARTS)}")
-    if problem := _mismatch(found, _model_shapes(model)):
-        fits = [m for m in MODELS if m != model and not _mismatch(found, _model_shapes(m))]
-        raise UsageError(
-            f"checkpoint {path} does not fit {model}" + (f" (it is {fits[0]}'s)" if fits else "") + f": {problem}"
-        )
-
-
-def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]] | str:
-    """Key -> shape of a state dict file, without reading tensor data; or what the file holds instead."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    state = torch.load(path, map_location="meta", weights_only=True)
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}"
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return f"not every value is a tensor (keys: {', '.join(map(str, list(state)[:5]))})"
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-@functools.cache
-def _model_shapes(model: str) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes without memory or init time, even for vit_h
-        return {k: tuple(v.shape) for k, v in build(model).state_dict().items()}
-
-
-def _mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
-    """Why `found` would not load strictly where `expected` is needed, in one line; None if it would."""
-    wrong = [k for k in expected if k in found and found[k] != expected[k]]
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    parts = []
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k} {list(found[k])} vs {list(expected[k])} expected")
-    if missing:
-        parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-    if extra:
-        parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]}")
-    return "; ".join(parts) or None
 
 
 def resolve_data(data: str) -> str:
