@@ -215,3 +215,16 @@ def test_every_shipped_plan_bound_names_where_it_was_calibrated():
 def test_bad_calibrated_tables(tmp_path, table, message):
     with pytest.raises(PlanError, match=re.escape(message)):
         plans.load(write(tmp_path, GOOD + table))
+
+
+@pytest.mark.parametrize("name", plans.available_plans())
+def test_every_shipped_plan_names_registered_patches_with_valid_configs(name):
+    from samrepro import runner
+    from samrepro.registry import list_patches
+
+    plan = plans.load(plans.find_plan(name))
+    registered = set(list_patches())
+    for mode in plans.MODES:
+        for step in plans.resolve(plan, mode, lambda names: None):
+            assert set(step.patches) <= registered, (name, step.name)
+            assert runner.config_error(step) is None, (name, step.name)
