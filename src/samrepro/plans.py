@@ -45,7 +45,7 @@ CALIBRATED_KEYS = {"models", "data", "batch_size", "weights", "evidence"}
 STEP_KEYS = {"name", "description", "add", "remove", "base", "config", "tolerance"}
 TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # step names become file names
-PLANS_DIR = Path(__file__).resolve().parents[2] / "ablations"  # the source checkout's plans
+PLANS_DIR = Path(__file__).resolve().parents[2] / "ablations"  # the source checkout's plans (editable install)
 
 
 class PlanError(ValueError):
@@ -127,8 +127,13 @@ def hash_plan(plan: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def shipped_plans_dir() -> Path:
+    """The plans shipped with samrepro: the checkout's ablations/, or the installed package's copy of it."""
+    return PLANS_DIR if PLANS_DIR.is_dir() else Path(__file__).resolve().parent / "ablations"
+
+
 def available_plans() -> list[str]:
-    dirs = [Path.cwd() / "ablations", PLANS_DIR]
+    dirs = [Path.cwd() / "ablations", shipped_plans_dir()]
     return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
 
 
@@ -139,7 +144,7 @@ def find_plan(name_or_path: str) -> Path:
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
         return path
-    for folder in (Path.cwd() / "ablations", PLANS_DIR):
+    for folder in (Path.cwd() / "ablations", shipped_plans_dir()):
         if (folder / f"{name_or_path}.toml").is_file():
             return folder / f"{name_or_path}.toml"
     raise PlanError(f"unknown plan {name_or_path!r}; valid: {', '.join(available_plans()) or '(none found)'}")
