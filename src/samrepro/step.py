@@ -20,10 +20,10 @@ from segment_anything.modeling import Sam
 import samrepro
 from samrepro import bench, env, flops, results
 from samrepro.console import emit
+from samrepro.gates import plan_tolerance
 from samrepro.kernels import COUNTERS
 from samrepro.metrics import check_tolerance, mask_iou, max_abs, sqnr_db
 from samrepro.models import fp32_reference_mode, load_model
-from samrepro.patch import Tolerance
 from samrepro.registry import apply_patches, get_patch, ordered
 from samrepro.results import StepResult, utc_now
 from samrepro.workload import Sample
@@ -136,10 +136,8 @@ def profile(sam: Sam, patches: list[str], samples: list[Sample], batch_size: int
 
 def gate(result: StepResult, out: bench.BenchResult, baseline_path: Path, spec: dict[str, Any]) -> None:
     """Agreement, SQNR and IoU-prediction deviation against the fp32 step, checked against the tolerance."""
-    tol = Tolerance()
-    for name in result.patches:
-        tol = tol.compose(get_patch(name).tolerance)
-    tol = tol.tighten(spec["tolerance"])  # a plan bound can demand more than declared, never less
+    # the composition the equivalence gates use; a plan bound can demand more than declared, never less
+    tol = plan_tolerance([get_patch(name) for name in result.patches]).tighten(spec["tolerance"])
     result.tolerance, result.tolerance_source = tol.to_dict(), spec.get("tolerance_source", "")
     if not baseline_path.is_file():
         result.gate, result.reason = "skipped", f"no fp32 baseline ({baseline_path.name}): the first step did not run"
