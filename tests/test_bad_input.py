@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from samrepro import cli, models, plans, registry, runner
+from samrepro import cli, inputs, models, plans, registry
 from samrepro.data import write_coco
 from samrepro.models import TINY_WEIGHTS, build
 from samrepro.patch import EXACT, Patch, PatchConfig, Requires
@@ -79,7 +79,7 @@ def test_a_patch_asked_for_by_name_that_cannot_run_is_an_error(capsys, cuda_only
 
 def test_inside_a_plan_the_same_patch_is_skipped_with_the_reason(cuda_only):
     plan = plans.parse({"name": "p", "steps": [{"name": "fp32"}, {"name": "fp8", "add": ["fp8"]}]})
-    steps = plans.resolve(plan, "cumulative", lambda names: runner.unavailable(names, "cpu"))
+    steps = plans.resolve(plan, "cumulative", lambda names: inputs.unavailable(names, "cpu"))
     assert [s.skip_reason for s in steps] == [None, "fp8: needs device cuda, got cpu"]
 
 
@@ -193,5 +193,5 @@ def test_read_only_results_folder(capsys, tmp_path):
 
 
 def test_debug_gives_the_traceback(checkpoints):
-    with pytest.raises(runner.UsageError, match="does not fit vit_b"):
+    with pytest.raises(inputs.UsageError, match="does not fit vit_b"):
         cli.main(["ablate", "vit_b", "cpu", "--weights", str(checkpoints / "tiny.pth"), "--debug"])

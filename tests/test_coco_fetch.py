@@ -16,7 +16,7 @@ from samrepro.cli import main
 from samrepro.data import coco_fetch as cf
 from samrepro.data import load_dataset, write_coco
 from samrepro.download import ChecksumError, DownloadError
-from samrepro.runner import UsageError, resolve_data
+from samrepro.inputs import UsageError, resolve_data
 from tests.test_download import server  # noqa: F401  (the loopback server fixture)
 
 IMAGES, ANNOTATIONS = "zips/val2017.zip", "annotations/annotations_trainval2017.zip"

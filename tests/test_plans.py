@@ -94,7 +94,7 @@ def test_unrunnable_patches_are_skipped_with_reason(tmp_path):
 
 
 def test_registry_reasons():
-    from samrepro.runner import unavailable
+    from samrepro.inputs import unavailable
 
     assert "not registered" in unavailable(["no_such_patch"], "cpu")
     assert "sync_free" in unavailable(["no_such_patch"], "cpu")  # lists the registered ones
@@ -219,7 +219,7 @@ def test_bad_calibrated_tables(tmp_path, table, message):
 
 @pytest.mark.parametrize("name", plans.available_plans())
 def test_every_shipped_plan_names_registered_patches_with_valid_configs(name):
-    from samrepro import runner
+    from samrepro.inputs import config_error
     from samrepro.registry import list_patches
 
     plan = plans.load(plans.find_plan(name))
@@ -227,4 +227,4 @@ def test_every_shipped_plan_names_registered_patches_with_valid_configs(name):
     for mode in plans.MODES:
         for step in plans.resolve(plan, mode, lambda names: None):
             assert set(step.patches) <= registered, (name, step.name)
-            assert runner.config_error(step) is None, (name, step.name)
+            assert config_error(step) is None, (name, step.name)

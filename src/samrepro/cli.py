@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from samrepro.inputs import DEVICES, UsageError
 from samrepro.lock import FolderLocked
 from samrepro.models import MODELS
 from samrepro.plans import MODES, PlanError
-from samrepro.runner import DEVICES, Interrupted, UsageError
+from samrepro.supervise import Interrupted
 
 
 class Parser(argparse.ArgumentParser):

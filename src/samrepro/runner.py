@@ -2,7 +2,8 @@
 
 A results folder holds plan.json, one StepResult JSON per step (the source of truth), specs/ (what each step
 was asked to run, for resume), logs/ (each step's output), baseline.pt (the fp32 step's outputs), traces/ and
-runner.lock (one runner per folder, see lock.py).
+runner.lock (one runner per folder, see lock.py), report/ and stale/ (results of steps no longer in the plan).
+Input checks live in inputs.py, the step process's supervision in supervise.py.
 
 Bad input (names, weights, data, plan, folder) is refused before the first step starts. Interruption loses
 nothing finished: every result is written atomically, so a step is either complete on disk or absent. SIGINT or
@@ -14,63 +15,38 @@ A rerun keeps the finished steps and runs the rest.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
-import select
 import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import samrepro
-from samrepro import console, env, lock, plans, results
+from samrepro import console, env, lock, plans, results, supervise
 from samrepro.checkpoints import cache_root
-from samrepro.models import MODELS, check_checkpoint, sha256, verified_tiny_weights
+from samrepro.inputs import (
+    UsageError,
+    check_inputs,
+    check_patches,
+    config_error,
+    resolve_data,
+    resolve_weights,
+    unavailable,
+    weights_digest,
+)
 from samrepro.plans import Plan, ResolvedStep
-from samrepro.registry import get_patch, list_patches
 from samrepro.results import StepResult, utc_now
 from samrepro.step import BASELINE
+from samrepro.supervise import Interrupted
 
 STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
-STDERR_TAIL = 40  # lines of a crashed step's log kept in its result
 VOLATILE = ("results_dir", "cache_dir", "profile")  # spec keys that do not change what a step measures
-DEVICES = ("cpu", "cuda")
-STOP_GRACE_S = 10  # an interrupted step process gets this long to end after SIGTERM, then SIGKILL
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-class UsageError(ValueError):
-    """Bad input from the user; the message says what is valid."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the runner; finished steps are on disk and a rerun resumes."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.results_dir: Path | None = None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
-
-    def __str__(self) -> str:
-        kept = f"; finished steps are kept in {self.results_dir}" if self.results_dir else ""
-        return f"interrupted by {signal.Signals(self.signum).name}{kept}"
 
 
 @dataclass
@@ -152,7 +128,7 @@ def run_ablation(
     if weights == "random" and model != "tiny":
         _say(f"WARNING: {model} with RANDOM weights: speed only, accuracy against ground truth is meaningless")
     setup["bounds_off"] = plan.bounds_apply(setup)  # None: the plan's step bounds were calibrated on this workload
-    with _interruptible(), _locked(folder, command):
+    with supervise.interruptible(), _locked(folder, command):
         try:
             _write_json(folder / "plan.json", setup | {"command": command})
             _set_aside_stale(folder, [_filename(s) for s in steps])
@@ -220,133 +196,6 @@ def tolerance_spec(step: ResolvedStep, setup: dict[str, Any]) -> dict[str, Any]:
     return {"tolerance": step.tolerance, "tolerance_source": f"declared, tightened by the plan: {bound}"}
 
 
-def check_inputs(model: str, device: str, mode: str, batch_size: int, images: int, prompts: int | None) -> None:
-    if model not in MODELS:
-        raise UsageError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
-    kind = device.split(":")[0]
-    if kind not in DEVICES:
-        raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)} (or cuda:N)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda requested but no CUDA GPU is available (torch.cuda.is_available() is False)")
-    if mode not in plans.MODES:
-        raise UsageError(f"unknown mode {mode!r}; valid: {', '.join(plans.MODES)}")
-    for name, value in (("batch size", batch_size), ("images", images), ("prompts", prompts)):
-        if value is not None and value < 1:
-            raise UsageError(f"{name} must be a positive integer, got {value}")
-
-
-def check_patches(names: list[str], device: str) -> None:
-    """Patches asked for by name must exist and run here: an error with the reason (a plan's steps are skipped)."""
-    valid = list_patches()
-    if not names:
-        raise UsageError(f"no patch names given; valid: {', '.join(valid)}")
-    for name in names:
-        if name not in valid:
-            raise UsageError(f"unknown patch {name!r}; valid: {', '.join(valid)}")
-        if names.count(name) > 1:
-            raise UsageError(f"patch {name!r} is listed twice")
-        if reason := get_patch(name).unavailable_reason(device):
-            raise UsageError(f"patch {name} cannot run on {device}: {reason}")
-
-
-def resolve_weights(model: str, weights: str | None) -> str | None:
-    """None: tiny's shipped weights (hash-checked), the official checkpoint for vit_*; "official" is fetched here,
-    once, into the cache; a checkpoint path must fit the model and is made absolute."""
-    if weights is None and model != "tiny":
-        weights = "official"
-    if weights is None:
-        try:
-            verified_tiny_weights()
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{e}; pass --weights random or PATH") from None
-        return None
-    if weights == "random":
-        return weights
-    if weights == "official":
-        from samrepro import checkpoints
-
-        if model not in checkpoints.CHECKPOINTS:
-            raise UsageError(f"no official checkpoint for {model}; official: {', '.join(checkpoints.CHECKPOINTS)}")
-        try:
-            weights = str(checkpoints.resolve(model))  # downloaded once and verified, in the cache
-        except checkpoints.DownloadError as e:
-            raise UsageError(
-                f"cannot download the official {model} checkpoint ({_first_line(str(e))}); "
-                "for a speed-only measurement without it, pass --weights random"
-            ) from None
-    path = Path(weights)
-    if not path.is_file():
-        why = "a folder" if path.is_dir() else "not found"
-        raise UsageError(f"weights must be 'random', 'official' or a checkpoint file; {why}: {weights}")
-    try:
-        check_checkpoint(model, path)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return str(path.resolve())
-
-
-def weights_digest(weights: str | None) -> str | None:
-    """SHA-256 of the weights file a run uses (None for seeded random weights)."""
-    if weights == "random":
-        return None
-    return sha256(verified_tiny_weights() if weights is None else Path(weights))
-
-
-def resolve_data(data: str) -> str:
-    """The data spec with an absolute path; a COCO folder is opened and its first image read, here and now."""
-    if data == "synthetic":
-        return data
-    if data == "coco":  # the folder `samrepro data fetch coco` made
-        from samrepro.data.coco_fetch import CocoNotFetched, coco_root
-
-        try:
-            data = f"coco:{coco_root()}"
-        except CocoNotFetched as e:
-            raise UsageError(str(e)) from None
-    if data.startswith("coco:"):
-        root = Path(data[len("coco:") :]).expanduser()
-        if not root.is_dir():
-            raise UsageError(f"COCO folder not found: {root}")
-        spec = f"coco:{root.resolve()}"
-        from samrepro import data as datasets
-
-        try:
-            datasets.load_dataset(spec, 1, cache_root())
-        except Exception as e:  # the data layer's messages name the file; others get their type
-            why = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
-            raise UsageError(f"COCO data in {root} is unusable: {_first_line(why)}") from None
-        return spec
-    if data == "noise" or data.startswith("noise:"):
-        from samrepro import data as datasets
-
-        try:
-            datasets.load_dataset(data, 1, cache_root())
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        return data if ":" in data else f"noise:{datasets.PROMPTS}"  # one spelling, so plan bounds can match it
-    raise UsageError(f"unknown data {data!r}; valid: synthetic, coco (fetched), coco:DIR, noise[:P]")
-
-
-def unavailable(names: list[str], device: str) -> str | None:
-    """Why these patches cannot run on `device` (not registered, or the machine lacks what they need)."""
-    registered = list_patches()
-    missing = [n for n in names if n not in registered]
-    if missing:
-        return f"patch(es) {', '.join(missing)} not registered (registered: {', '.join(registered)})"
-    reasons = [f"{n}: {r}" for n in names if (r := get_patch(n).unavailable_reason(device))]
-    return "; ".join(reasons) or None
-
-
-def config_error(step: ResolvedStep) -> str | None:
-    """Why a step's patch configs are invalid (checked here, so a bad plan fails fast), else None."""
-    for name, config in step.configs.items():
-        try:
-            get_patch(name).config_cls.from_dict(config)
-        except (TypeError, ValueError) as e:
-            return f"invalid config for {name}: {e}"
-    return None
-
-
 def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult | None:
     """The existing result of this step when it answers the same spec: ok, or skipped for the same reason."""
     path, spec_path = folder / _filename(step), folder / "specs" / _filename(step)
@@ -398,17 +247,17 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 pass_fds=(child_end,),
-                env=_step_env(child_end),
-                preexec_fn=functools.partial(_die_with, os.getpid()) if _LIBC else None,
+                env=supervise.step_env(child_end),
+                preexec_fn=supervise.preexec(),
             )
         finally:
             os.close(child_end)  # the child holds its own copy: end of file when it exits
         with proc:
             try:
-                _relay(events, view)
+                supervise.relay(events, view)
                 code = proc.wait()
             except BaseException:  # interrupted: the step goes too, without a result (a finished one stays)
-                _stop(proc)
+                supervise.stop(proc)
                 view.finish(f"step {step.index:02d} {step.name}: interrupted (its log: {log_path})")
                 raise
             finally:
@@ -417,80 +266,9 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console
         return results.read(path)
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     result = _result(step, spec, status="failed", reason=f"step process {why} without writing a result")
-    result.error, result.started_at, result.finished_at = _tail(log_path), started, utc_now()
+    result.error, result.started_at, result.finished_at = supervise.tail(log_path), started, utc_now()
     results.write(result, folder)
     return result
-
-
-def _step_env(events_fd: int) -> dict[str, str]:
-    """The step's environment: this one, minus the inductor cache that importing torchao set here (the step picks
-    samrepro's own unless the user chose one), plus the events pipe."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1", console.EVENTS_FD: str(events_fd)}
-    if samrepro.USER_INDUCTOR_CACHE is None:
-        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    return env
-
-
-def _relay(fd: int, view: console.StepView) -> None:
-    """Hand the step's phase events to the view until the step closes its end; tick the view once a second."""
-    pending = b""
-    while True:
-        ready, _, _ = select.select([fd], [], [], 1.0)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                with contextlib.suppress(ValueError):
-                    view.event(json.loads(line))
-        view.tick()
-
-
-def _tail(log_path: Path) -> str:
-    with contextlib.suppress(OSError):
-        return "".join(deque(log_path.open(errors="replace"), maxlen=STDERR_TAIL))
-    return ""
-
-
-def _die_with(runner_pid: int) -> None:
-    """In the forked step process, before exec: the kernel kills it when the runner dies, kill -9 included.
-
-    preexec_fn is unsafe only with threads holding locks at fork; the runner has none while steps run.
-    """
-    _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-    if os.getppid() != runner_pid:  # the runner died before prctl took effect
-        os._exit(1)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted, once: later ones are ignored while the step process is stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; a KeyboardInterrupt still stops the step process
-        return
-    fired: list[int] = []
-
-    def handler(signum: int, frame: object) -> None:
-        if not fired:
-            fired.append(signum)
-            raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
