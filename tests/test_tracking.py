@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from samrepro.tracking import (
     step_metrics,
     ui_address,
 )
-from tests.conftest import PLAN_INFO
+from tests.conftest import PLAN_INFO, free_port
 
 DATA = "synthetic-val(seed=0, n=4)"  # the env's data label
 ENV = {"plan": {"name": "blog", "steps": []}, "torch": "2.11.0", "git": {"commit": "abc123", "dirty": False}}
@@ -73,12 +72,6 @@ def write_results(folder):
         results.write(r, folder)
     (folder / "plan.json").write_text(json.dumps(PLAN_INFO | {"data": "synthetic"}))
     return folder
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

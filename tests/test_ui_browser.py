@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 
 from samrepro import results
 from samrepro.results import StepResult
+from tests.conftest import free_port
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -46,12 +46,6 @@ def write_results(folder):
         results.write(r, folder)
     (folder / "plan.json").write_text(json.dumps(PLAN | {"data": "synthetic"}))
     return folder
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_store(url, proc, log, deadline):

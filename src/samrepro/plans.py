@@ -185,11 +185,7 @@ def parse(data: dict[str, Any], source: str = "<plan>") -> Plan:
 
 def _calibrated(table: Any, source: str) -> dict[str, Any]:
     where = f"{source}: calibrated"
-    if not isinstance(table, dict):
-        raise PlanError(f"{where}: must be a table")
-    unknown = sorted(set(table) - CALIBRATED_KEYS)
-    if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; valid: {sorted(CALIBRATED_KEYS)}")
+    _known_keys(table, CALIBRATED_KEYS, where)
     if "models" in table:
         _names(table, "models", where)
     if "batch_size" in table and (isinstance(table["batch_size"], bool) or not isinstance(table["batch_size"], int)):
@@ -202,11 +198,7 @@ def _calibrated(table: Any, source: str) -> dict[str, Any]:
 
 def _parse_step(raw: Any, i: int, source: str) -> Step:
     where = f"{source}: steps[{i}]"
-    if not isinstance(raw, dict):
-        raise PlanError(f"{where}: must be a table")
-    unknown = sorted(set(raw) - STEP_KEYS)
-    if unknown:
-        raise PlanError(f"{where}: unknown key(s) {unknown}; valid: {sorted(STEP_KEYS)}")
+    _known_keys(raw, STEP_KEYS, where)
     name = _string(raw, "name", where, required=True)
     if not NAME_RE.match(name):
         raise PlanError(f"{where}.name: {name!r} must be letters, digits, '_', '-' or '.'")
@@ -297,6 +289,14 @@ def _resolved(
     i: int, step: Step, names: list[str], configs: dict[str, dict[str, Any]], reason: str | None, note: str | None
 ) -> ResolvedStep:
     return ResolvedStep(i, step.name, tuple(names), configs, dict(step.tolerance), reason, note)
+
+
+def _known_keys(table: Any, keys: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise PlanError(f"{where}: must be a table")
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {unknown}; valid: {sorted(keys)}")
 
 
 def _string(table: dict, key: str, where: str, required: bool = False) -> str:
