@@ -6,7 +6,6 @@ import copy
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -115,10 +114,3 @@ def interpreted_child(script: str, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -7,13 +7,14 @@ import os
 import random
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from samrepro import checkpoints, download
 from samrepro.checkpoints import CHECKPOINTS, Checkpoint, ChecksumError, DownloadError, fetch
+from tests.servers import loopback_http
 
 BODY = random.Random(0).randbytes(300_000)
 NAME = f"sam_vit_b_{hashlib.md5(BODY).hexdigest()[:6]}.pth"  # named as Meta names them: md5 prefix
@@ -57,14 +58,10 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.ranges, srv.cut, srv.seen = {NAME: BODY}, True, set(), []
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/{NAME}"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(Handler) as srv:
+        srv.files, srv.ranges, srv.cut, srv.seen = {NAME: BODY}, True, set(), []
+        srv.url = f"http://127.0.0.1:{srv.server_address[1]}/{NAME}"
+        yield srv
 
 
 @pytest.fixture(autouse=True)

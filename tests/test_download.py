@@ -9,13 +9,13 @@ import re
 import socket
 import struct
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from samrepro import download
 from samrepro.download import ChecksumError, DownloadError, Expected, fetch_file
+from tests.servers import loopback_http
 
 BODY = random.Random(1).randbytes(200_000)
 
@@ -66,14 +66,10 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.ranges, srv.fail, srv.cut, srv.seen = {"f.bin": BODY}, True, {}, {}, []
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with loopback_http(Handler) as srv:
+        srv.files, srv.ranges, srv.fail, srv.cut, srv.seen = {"f.bin": BODY}, True, {}, {}, []
+        srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ from samrepro.tracking import (
     step_metrics,
     ui_address,
 )
-from tests.conftest import PLAN_INFO, free_port
+from tests.conftest import PLAN_INFO
+from tests.servers import free_port, mlflow_process
 
 DATA = "synthetic-val(seed=0, n=4)"  # the env's data label
 ENV = {"plan": {"name": "blog", "steps": []}, "torch": "2.11.0", "git": {"commit": "abc123", "dirty": False}}
@@ -77,44 +77,14 @@ def write_results(folder):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
-    url = f"http://127.0.0.1:{free_port()}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        url.rsplit(":", 1)[1],
-        "--workers",
-        "1",
+    store = [
         "--backend-store-uri",
         f"sqlite:///{root / 'db.sqlite'}",
         "--artifacts-destination",
         str(root / "artifacts"),
     ]
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300  # startup imports a lot; slow on a loaded 2-core machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+    with mlflow_process("server", store, root / "server.log", "/health") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server runs uvicorn as a child: end the whole group
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def rest(url, endpoint, body=None):

@@ -6,20 +6,15 @@ fetched the runs), not as the server sends it. Skipped where no `chromium` is in
 
 import html
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 from samrepro import results
 from samrepro.results import StepResult
-from tests.conftest import free_port
+from tests.servers import mlflow_process
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -48,18 +43,6 @@ def write_results(folder):
     return folder
 
 
-def wait_for_store(url, proc, log, deadline):
-    """Until the UI's server answers a store query (so its tables exist before anything else writes there)."""
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
 def rendered_text(url, profile):
     """The page's text once chromium has run the app (virtual time lets its requests and timers finish)."""
     cmd = [
@@ -84,33 +67,19 @@ def rendered_text(url, profile):
 
 
 def test_experiment_opens_on_runs_with_metrics(tmp_path):
+    from samrepro.tracking import log_results_dir, ui_address
+
     store = tmp_path / "store"
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "ui.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--backend-store-uri", uri], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        from samrepro.tracking import log_results_dir, ui_address  # mlflow's imports overlap the server's start
-
-        res = write_results(tmp_path / "res")
-        wait_for_store(f"http://127.0.0.1:{port}", proc, log, time.monotonic() + 300)
+    res = write_results(tmp_path / "res")
+    # ready once a store query answers, so the server's tables exist before logging writes there
+    ready = "/api/2.0/mlflow/experiments/search?max_results=1"
+    with mlflow_process("ui", ["--backend-store-uri", uri], tmp_path / "ui.log", ready) as url:
         log_results_dir(res, uri)
-        address = ui_address(uri, port)
-        assert address.startswith(f"http://127.0.0.1:{port}/#/experiments/")  # one experiment: its runs
+        address = ui_address(uri, int(url.rsplit(":", 1)[1]))
+        assert address.startswith(f"{url}/#/experiments/")  # one experiment: its runs
         text = rendered_text(address, tmp_path / "chromium")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # `mlflow ui` runs its server as a child: end the whole group
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert "Runs - Experiment" in text, text[:2000]  # the runs tab, not the GenAI overview
     assert "blog cumulative" in text and "00 fp32" in text and "01 bf16" in text and "02 compile" in text
     header = text[text.index("Run Name") : text.index("00 fp32")]

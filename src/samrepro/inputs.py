@@ -71,7 +71,7 @@ def resolve_weights(model: str, weights: str | None) -> str | None:
             weights = str(checkpoints.resolve(model))  # downloaded once and verified, in the cache
         except checkpoints.DownloadError as e:
             raise UsageError(
-                f"cannot download the official {model} checkpoint ({_first_line(str(e))}); "
+                f"cannot download the official {model} checkpoint ({first_line(str(e))}); "
                 "for a speed-only measurement without it, pass --weights random"
             ) from None
     path = Path(weights)
@@ -114,7 +114,7 @@ def resolve_data(data: str) -> str:
             datasets.load_dataset(spec, 1, cache_root())
         except Exception as e:  # the data layer's messages name the file; others get their type
             why = str(e) if isinstance(e, OSError | ValueError) else f"{type(e).__name__}: {e}"
-            raise UsageError(f"COCO data in {root} is unusable: {_first_line(why)}") from None
+            raise UsageError(f"COCO data in {root} is unusable: {first_line(why)}") from None
         return spec
     if data == "noise" or data.startswith("noise:"):
         from samrepro import data as datasets
@@ -147,5 +147,6 @@ def config_error(step: ResolvedStep) -> str | None:
     return None
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first line of an error message, for one-line reports."""
     return (text.strip().splitlines() or [""])[0]

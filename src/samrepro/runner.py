@@ -35,6 +35,7 @@ from samrepro.inputs import (
     check_inputs,
     check_patches,
     config_error,
+    first_line,
     resolve_data,
     resolve_weights,
     unavailable,
@@ -204,7 +205,7 @@ def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResu
     try:
         old, old_spec = results.read(path), json.loads(spec_path.read_text())
     except (OSError, ValueError, TypeError) as e:  # e.g. truncated by a crash of an older, non-atomic writer
-        _say(f"WARNING: {path.name} is unreadable ({_first_line(str(e))}); running the step again")
+        _say(f"WARNING: {path.name} is unreadable ({first_line(str(e))}); running the step again")
         return None
     if old.plan_hash != spec["plan_hash"] or _key(old_spec) != _key(spec):
         return None
@@ -331,7 +332,7 @@ def _finish(folder: Path, tracking_uri: str | None, track: bool) -> None:
     except tracking.TrackingUnavailable as e:
         _say(f"{later} ({e})")
     except Exception as e:  # any other MLflow failure: the results on disk still stand
-        _say(f"{later} (MLflow failed: {type(e).__name__}: {_first_line(str(e))})")
+        _say(f"{later} (MLflow failed: {type(e).__name__}: {first_line(str(e))})")
 
 
 def _set_aside_stale(folder: Path, current: list[str]) -> None:
@@ -365,10 +366,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0]
 
 
 def _say(line: str) -> None:
