@@ -144,6 +144,7 @@ def run(
     batch_size: int,
     clock: Callable[[], float] = time.perf_counter,
     progress: Callable[[int, int], None] | None = None,
+    warmup: int = WARMUP_RUNS,
 ) -> BenchResult:
     """Time the workload over `samples`; call right after loading and patching the model."""
     if not samples:
@@ -156,7 +157,7 @@ def run(
     first = prepare(sam, predictor, chunks[0], batch_size, device)
     _sync(device)
     start = clock()
-    for _ in range(WARMUP_RUNS):
+    for _ in range(warmup):
         forward(sam, predictor, first)
     _sync(device)
     compile_s = clock() - start

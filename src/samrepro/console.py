@@ -28,6 +28,7 @@ PHASES = {
     "warming": "warming up",
     "timing": "timing",
     "gating": "comparing with fp32",
+    "reference": "running fp32 with the same weight change (random weights)",
 }
 
 CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)

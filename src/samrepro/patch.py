@@ -208,6 +208,11 @@ class Patch:
     touches_encoder: bool = True  # must be applied before `compile` wraps the encoder
     compiles: bool = False  # calls torch.compile: the first forward passes compile
     excludes: tuple[str, ...] = ()  # patches this one cannot be stacked with (each lists the other)
+    # A weight-changing patch's config that makes the same weight change in plain arithmetic, and how far the
+    # patch's kernels may stray from it. With random weights, where the declared tolerance (the cost of the weight
+    # change on trained weights) means nothing, a step is gated against fp32 with that change instead.
+    reference_config: dict[str, Any] | None = None
+    reference_tolerance: Tolerance = REORDERED
 
     def unavailable_reason(self, device: str | torch.device) -> str | None:
         return self.requires.unmet(device)

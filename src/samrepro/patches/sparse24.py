@@ -150,5 +150,6 @@ PATCH = register_patch(
         tolerance=TOLERANCE,
         changes_weights=True,
         excludes=tuple(p for p in WEIGHT_PATCHES if p != "sparse24"),
+        reference_config={"kernel": "masked"},  # the same pruned weights, dense
     )
 )
