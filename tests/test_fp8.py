@@ -71,7 +71,8 @@ def test_float8_weights_and_exact_undo(fp32_model, bf16):
             assert COUNTERS["fp8.layers"] == layers + 24
             out = sam.image_encoder(X.cuda())
             assert out.dtype == (torch.bfloat16 if bf16 else torch.float32) and torch.isfinite(out).all()
-            with pytest.raises(PatchError, match="cannot be stacked on fp8"):
+            slot = "both take the slot 'encoder linear weights'"
+            with pytest.raises(PatchError, match=f"int8_dynamic cannot be stacked on fp8: {slot}"):
                 get_patch("int8_dynamic").apply(sam)
         assert model_state(sam) == state and tensors_equal(sam, fp32_model) == []
         assert torch.equal(sam.image_encoder(X.cuda()), ref)

@@ -38,11 +38,14 @@ def available(device: str) -> list[str]:
 
 
 def composable(device: str) -> list[str]:
-    """The available patches in application order, less any that one kept before excludes (sparse24 after int8)."""
+    """The available patches in application order, less any whose slot one kept before holds (sparse24 after int8)."""
     names: list[str] = []
+    held: set[str] = set()
     for name in available(device):
-        if not set(get_patch(name).excludes) & set(names):
+        slots = set(get_patch(name).slots)
+        if not slots & held:
             names.append(name)
+            held |= slots
     return names
 
 

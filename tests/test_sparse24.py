@@ -96,13 +96,14 @@ def test_explicit_kernel_refused_on_cpu_with_reason(sam, kernel):
     assert choose_backend("auto", torch.device("cpu")) is None
 
 
-def test_int8_and_sparse24_exclude_each_other(sam):
+def test_int8_and_sparse24_share_the_weights_slot(sam):
     state = model_state(sam)
-    with pytest.raises(PatchError, match="sparse24 cannot be stacked on int8_dynamic"):
+    slot = "both take the slot 'encoder linear weights'"
+    with pytest.raises(PatchError, match=f"sparse24 cannot be stacked on int8_dynamic: {slot}"):
         apply_patches(sam, ["sparse24", "int8_dynamic"])  # PATCH_ORDER applies int8_dynamic first
     assert model_state(sam) == state
     with PATCH.apply(sam):
-        with pytest.raises(PatchError, match="int8_dynamic cannot be stacked on sparse24"):
+        with pytest.raises(PatchError, match=f"int8_dynamic cannot be stacked on sparse24: {slot}"):
             get_patch("int8_dynamic").apply(sam)
 
 

@@ -20,7 +20,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from samrepro.metrics import mask_iou
-from samrepro.workload import Prediction, Sample, predict_image, prediction, preprocess, prompt_tensors
+from samrepro.workload import Prediction, Sample, decode_batch, preprocess, prompt_tensors
 
 WARMUP_RUNS = 3
 MIB = 1 << 20
@@ -117,22 +117,13 @@ class EncoderSplit:
 def forward(
     sam: Sam, predictor: SamPredictor, batch: Batch, split: EncoderSplit | None = None
 ) -> tuple[torch.Tensor, list[Prediction | None], list[torch.Tensor]]:
-    """The timed work: encoder on the batch, predict_torch per real image, IoU against ground truth."""
+    """The timed work: encoder on the batch, the decoder on every real image's prompts, IoU against ground truth."""
     if split:
         split.mark(0)
     features = sam.image_encoder(batch.x)  # B, C, h, w
     if split:
         split.mark(1)
-    if hasattr(sam, "predict_batch"):  # batched_decoder: all real images' prompts in one decoder call
-        outs = sam.predict_batch(features, batch.prompts, batch.input_sizes, batch.original_sizes)
-        preds = [None if o is None else prediction(*o) for o in outs]
-    else:
-        preds = [
-            None
-            if p is None
-            else predict_image(predictor, features[i : i + 1], batch.input_sizes[i], batch.original_sizes[i], p)
-            for i, p in enumerate(batch.prompts)
-        ]
+    preds = decode_batch(sam, predictor, features, batch.prompts, batch.input_sizes, batch.original_sizes)
     ious = [mask_iou(p.best, g) for p, g in zip(preds, batch.gt) if p is not None and g is not None]  # N each
     return features, preds, ious
 

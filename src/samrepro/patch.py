@@ -160,6 +160,8 @@ def _own_attr(obj: Any, name: str) -> Any:
 
 # Which patches each live model carries, without storing anything on the model itself.
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+# Per live model, each taken slot (see Patch.slots) and the patch that holds it.
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def applied_patches(sam: nn.Module) -> list[str]:
@@ -207,12 +209,17 @@ class Patch:
     changes_weights: bool = False
     touches_encoder: bool = True  # must be applied before `compile` wraps the encoder
     compiles: bool = False  # calls torch.compile: the first forward passes compile
-    excludes: tuple[str, ...] = ()  # patches this one cannot be stacked with (each lists the other)
+    # What of the model the patch takes over whole (e.g. "encoder linear weights"): two patches that name a common
+    # slot cannot be stacked, since the later one would undo or silently override the earlier one's change.
+    slots: tuple[str, ...] = ()
     # A weight-changing patch's config that makes the same weight change in plain arithmetic, and how far the
     # patch's kernels may stray from it. With random weights, where the declared tolerance (the cost of the weight
     # change on trained weights) means nothing, a step is gated against fp32 with that change instead.
     reference_config: dict[str, Any] | None = None
     reference_tolerance: Tolerance = REORDERED
+    # Raised whenever what the patch computes or what its config means changes: every StepResult records the
+    # revisions it ran, and a rerun never keeps a result measured with another revision.
+    revision: int = 1
 
     def unavailable_reason(self, device: str | torch.device) -> str | None:
         return self.requires.unmet(device)
@@ -231,9 +238,10 @@ class Patch:
         applied = _APPLIED.setdefault(sam, [])
         if self.name in applied:
             raise PatchError(f"{self.name} is already applied to this model")
-        stacked = [n for n in applied if n in self.excludes]
-        if stacked:
-            raise PatchError(f"{self.name} cannot be stacked on {stacked[0]} (it excludes {', '.join(self.excludes)})")
+        held = _SLOTS.setdefault(sam, {})
+        taken = [slot for slot in self.slots if slot in held]
+        if taken:
+            raise PatchError(f"{self.name} cannot be stacked on {held[taken[0]]}: both take the slot {taken[0]!r}")
         if self.touches_encoder and is_compiled(sam.image_encoder):
             raise PatchError(
                 f"{self.name} changes the image encoder, which `compile` has already wrapped: "
@@ -245,5 +253,8 @@ class Patch:
         except BaseException:
             undo.run()
             raise
+        for slot in self.slots:
+            held[slot] = self.name
+            undo.on_undo(lambda slot=slot: held.pop(slot))
         applied.append(self.name)
         return Handle(sam, [self.name], [undo])

@@ -1,4 +1,4 @@
-"""The SAF workload: batched image encoder, then `predict_torch` per image with its prompts."""
+"""The SAF workload: batched image encoder, then each image's prompts through the decoder (`decode_batch`)."""
 
 from __future__ import annotations
 
@@ -88,11 +88,24 @@ def run(sam: Sam, samples: list[Sample]) -> tuple[torch.Tensor, list[Prediction]
     features = sam.image_encoder(x)
     predictor = SamPredictor(sam)
     prompts = [prompt_tensors(predictor, s, device) for s in samples]
-    if hasattr(sam, "predict_batch"):  # batched_decoder: one decoder call for the whole batch
-        preds = [prediction(*out) for out in sam.predict_batch(features, prompts, input_sizes, original_sizes)]
-    else:
-        preds = [
-            predict_image(predictor, features[i : i + 1], input_sizes[i], original_sizes[i], p)
-            for i, p in enumerate(prompts)
-        ]
-    return features, preds
+    return features, decode_batch(sam, predictor, features, prompts, input_sizes, original_sizes)
+
+
+def decode_batch(
+    sam: Sam,
+    predictor: SamPredictor,
+    features: torch.Tensor,
+    prompts: list[dict | None],
+    input_sizes: list,
+    original_sizes: list,
+) -> list[Prediction | None]:
+    """Each image's predictions from its row of `features` (B, C, h, w); None where its prompts are None (batch
+    padding). A patch that decodes whole batches (batched_decoder) gives the model `predict_batch`, used when
+    present; otherwise `predict_torch` runs per image."""
+    if hasattr(sam, "predict_batch"):
+        outs = sam.predict_batch(features, prompts, input_sizes, original_sizes)
+        return [None if out is None else prediction(*out) for out in outs]
+    return [
+        None if p is None else predict_image(predictor, features[i : i + 1], input_sizes[i], original_sizes[i], p)
+        for i, p in enumerate(prompts)
+    ]

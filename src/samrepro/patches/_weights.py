@@ -1,4 +1,4 @@
-"""What the encoder-Linear weight patches (int8_dynamic, fp8, sparse24) share."""
+"""What the encoder-Linear weight patches (int8_dynamic, fp8, fp8_fused, sparse24) share: their slot and helpers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from samrepro.kernels import COUNTERS
 from samrepro.patch import PatchError, Undo
-from samrepro.patches.bf16 import park_on_host
+from samrepro.patches._host import park_on_host
 
 # Each replaces the encoder Linear weights, so at most one of them applies (the blog runs sparse24 instead of int8).
-WEIGHT_PATCHES = ("int8_dynamic", "fp8", "fp8_fused", "sparse24")
+WEIGHTS_SLOT = "encoder linear weights"
 
 
 def encoder_linears(sam: Sam) -> dict[str, nn.Linear]:

@@ -13,6 +13,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 from samrepro.patch import Patch, PatchConfig, Tolerance, Undo
+from samrepro.patches._host import park_on_host
 from samrepro.registry import register_patch
 
 MODEL_DTYPE = torch.bfloat16
@@ -119,16 +120,6 @@ def _mask_decoder_forward(
         )
     # fp32 by default: SamPredictor.predict calls .numpy(), which has no bf16 (the upcast is exact)
     return masks.to(out_dtype), iou_pred.to(out_dtype)
-
-
-def park_on_host(tensors: list[torch.Tensor], undo: Undo) -> None:
-    """Move the fp32 originals kept for undo to host memory (same tensor objects, values copied exactly),
-    so a GPU model holds only its bf16 weights, as SAF's `.to(bf16)` did; undo moves them back."""
-    for t in tensors:
-        if t.device.type != "cpu":
-            device = t.device
-            t.data = t.data.to("cpu")
-            undo.on_undo(lambda t=t, device=device: setattr(t, "data", t.data.to(device)))
 
 
 def _cast(parts: tuple[torch.nn.Module, ...], dtype: torch.dtype, undo: Undo) -> list[torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 from samrepro.patch import REORDERED, Patch, PatchConfig, PatchError, Undo
+from samrepro.patches._knobs import requested_knobs
 from samrepro.registry import register_patch
 
 # The extra knobs of the torchao SAM tutorial ("general purpose optimizations"), as fields. They default to
@@ -97,30 +97,9 @@ def _scoped_call(call: Callable[..., Any], knobs: dict[str, Any], clone: bool) -
     return scoped  # no functools.wraps: it would copy dynamo's `_torchdynamo_orig_callable` marker
 
 
-# Inductor knobs that patches applied before `compile` need while the encoder compiles (int8_dynamic's int_mm
-# fusion), per encoder; `compile` holds them in the same per-call scope as its own, never globally.
-_REQUESTED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def request_knobs(encoder: nn.Module, knobs: dict[str, Any], undo: Undo) -> None:
-    """Have a later `compile` of `encoder` hold `knobs` inside its calls; undone with the requesting patch."""
-    held = _REQUESTED.setdefault(encoder, {})
-    clash = sorted(k for k, v in knobs.items() if held.get(k, v) != v)
-    if clash:
-        raise PatchError(f"inductor knobs {clash} were already requested with other values: {held}")
-    added = [k for k in knobs if k not in held]
-    held.update(knobs)
-
-    def release() -> None:
-        for k in added:
-            del held[k]
-
-    undo.on_undo(release)
-
-
 def knobs_for(encoder: nn.Module, config: CompileConfig) -> dict[str, Any]:
     """compile's own knobs plus those requested for `encoder`; a contradiction raises."""
-    own, requested = config.inductor_patch(), _REQUESTED.get(encoder, {})
+    own, requested = config.inductor_patch(), requested_knobs(encoder)
     clash = sorted(k for k in requested if k in own and own[k] != requested[k])
     if clash:
         raise PatchError(

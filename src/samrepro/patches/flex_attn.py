@@ -21,8 +21,8 @@ from segment_anything.modeling import Sam, image_encoder
 from torch.nn.attention.flex_attention import FlexKernelOptions, flex_attention
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._relpos import rel_pos_terms
-from samrepro.patches.compile import request_knobs
+from samrepro.patches._attention import KERNEL_SLOT, merge_heads, rel_terms, split_heads
+from samrepro.patches._knobs import request_knobs
 from samrepro.registry import register_patch
 
 MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA graphs: each call's output would live in a graph pool
@@ -83,14 +83,13 @@ def encoder_attention_forward(
     that are views of another op's output; so q, k, v are separate contiguous copies (upstream copies them too) and
     the two rel-pos terms travel as one concatenated tensor.
     """
-    B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
-    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
-    q, k, v = (t.contiguous() for t in qkv.unbind(0))  # B, heads, HW, d each
-    rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
+    H, W = x.shape[1:3]  # a window's grid in windowed blocks
+    q, k, v = (t.contiguous() for t in split_heads(self, x))  # B, heads, HW, d each
+    rel_h, rel_w = rel_terms(self, q, (H, W))  # B, heads, H, W, H|W
     rel = torch.cat([rel_h.flatten(2, 3), rel_w.flatten(2, 3)], dim=-1)  # B, heads, HW, H + W
     score_mod = rel_pos_score_mod(rel, H, W)
     out = flex(q, k, v, score_mod=score_mod, scale=self.scale, kernel_options=kernel_options or None)  # B, heads, HW, d
-    return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # heads-major channels, as upstream
+    return merge_heads(self, out, (H, W))  # B, H, W, C
 
 
 def compiled_flex(mode: str, threads: int):
@@ -159,6 +158,6 @@ PATCH = register_patch(
             agreement_miou_min=0.995, gt_miou_drop_max=0.002, embedding_sqnr_min_db=80.0, iou_pred_max_abs=1e-4
         ),
         requires=FlexRequires(devices=("cpu", "cuda"), min_capability=(8, 0)),  # bf16 in Triton needs sm80+
-        excludes=("triton_attn",),  # both replace the encoder attention's forward: the later would silently win
+        slots=(KERNEL_SLOT,),
     )
 )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam, image_encoder
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Tolerance, Undo
-from samrepro.patches._relpos import rel_pos_terms
+from samrepro.patches._attention import merge_heads, rel_terms, split_heads
 from samrepro.registry import register_patch
 
 BLOCKS = ("global", "windowed", "all")
@@ -66,13 +66,12 @@ def fold_rel_pos(
 
 def encoder_attention_forward(self: image_encoder.Attention, x: torch.Tensor) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with the bias folded into q and k and mask-free SDPA."""
-    B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
-    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
-    q, k, v = qkv.unbind(0)  # B, heads, HW, d
-    rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
+    H, W = x.shape[1:3]  # a window's grid in windowed blocks
+    q, k, v = split_heads(self, x)  # B, heads, HW, d
+    rel_h, rel_w = rel_terms(self, q, (H, W))  # B, heads, H, W, H|W
     q2, k2 = fold_rel_pos(q, k, rel_h.flatten(2, 3), rel_w.flatten(2, 3), self.scale)  # B, heads, HW, d'
     out = F.scaled_dot_product_attention(q2, k2, v, scale=self.scale)  # B, heads, HW, d
-    return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # heads-major channels, as upstream
+    return merge_heads(self, out, (H, W))  # B, H, W, C
 
 
 def _apply(sam: Sam, config: FoldAttnConfig, undo: Undo) -> None:

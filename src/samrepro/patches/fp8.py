@@ -9,37 +9,19 @@ the original Parameters, the instance `extra_repr` and the fp32 layers' `forward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import MethodType
 
 import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
-from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly, require_multiples
-from samrepro.patches.bf16 import park_on_host
+from samrepro.patch import Patch, PatchError, Requires, Undo
+from samrepro.patches._float8 import TOLERANCE, Fp8Config
+from samrepro.patches._host import park_on_host
+from samrepro.patches._weights import WEIGHTS_SLOT, encoder_linears, quantize_reversibly, require_multiples
 from samrepro.registry import register_patch
 
 WEIGHT_DTYPE = torch.bfloat16  # what torchao 0.18's PerRow float8 accepts
-
-
-@dataclass(frozen=True)
-class Fp8Config(PatchConfig):
-    """fast_accum: `_scaled_mm` accumulates in lower precision (torchao's default; faster, slightly less exact).
-    activation_value_lb: floor of each activation row's max |x| when its scale is chosen. SAM pads windowed blocks
-    with zero tokens; without a floor their rows get scale 0 and quantize to 0/0 = NaN, which the padded keys
-    spread to every query of the window (H100, vit_b: NaN embeddings, agreement 0.002;
-    reports/2026-11-21-h100-attention-sweep-profiled-waterfalls)."""
-
-    fast_accum: bool = True
-    activation_value_lb: float = 1e-12
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.fast_accum, bool):
-            raise ValueError(f"fast_accum must be a bool, got {self.fast_accum!r}")
-        if not isinstance(self.activation_value_lb, float) or not self.activation_value_lb > 0:
-            raise ValueError(f"activation_value_lb must be a positive float, got {self.activation_value_lb!r}")
 
 
 def _bf16_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -81,15 +63,9 @@ PATCH = register_patch(
         summary="encoder Linears as torchao float8 row-wise dynamic-activation x weight matmuls (weights change)",
         config_cls=Fp8Config,
         apply_fn=_apply,
-        # Set before any sm89+ run as int8_dynamic's bounds loosened for e4m3's 3 mantissa bits (on a random MLP:
-        # 5.3% rel. error vs int8's 1.7%, i.e. ~25 vs ~35 dB). First H100 measurement (2026-11-21, random
-        # weights, bs16, stacked on beyond.toml's compile_decoder step, against fp32): vit_b SQNR 36.2 dB, agreement
-        # 0.952 (0.959 without fp8); vit_h 32.5 dB, 0.964 (0.973). One run per model: the bounds keep their margin.
-        tolerance=Tolerance(
-            agreement_miou_min=0.90, gt_miou_drop_max=0.03, embedding_sqnr_min_db=22.0, iou_pred_max_abs=0.08
-        ),
+        tolerance=TOLERANCE,
         requires=Requires(devices=("cuda",), min_capability=(8, 9), packages=("torchao",)),
         changes_weights=True,
-        excludes=tuple(p for p in WEIGHT_PATCHES if p != "fp8"),
+        slots=(WEIGHTS_SLOT,),
     )
 )

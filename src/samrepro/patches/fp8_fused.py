@@ -19,9 +19,9 @@ from torch import nn
 
 from samrepro.kernels import COUNTERS
 from samrepro.patch import Patch, PatchError, Requires, Undo
-from samrepro.patches import fp8
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, require_multiples
-from samrepro.patches.bf16 import park_on_host
+from samrepro.patches._float8 import TOLERANCE, Fp8Config
+from samrepro.patches._host import park_on_host
+from samrepro.patches._weights import WEIGHTS_SLOT, encoder_linears, require_multiples
 from samrepro.registry import register_patch
 
 OUT_DTYPE = torch.bfloat16  # _scaled_mm's row-wise path writes bf16
@@ -31,7 +31,7 @@ class Fp8RowLinear(nn.Module):
     """x @ w.T + b as torch._scaled_mm of x quantized per row and w per output channel; x goes through `norm` (a
     LayerNorm over its last dim) first if given, through GELU if `gelu`. Returns x's dtype."""
 
-    def __init__(self, linear: nn.Linear, gelu: bool, config: fp8.Fp8Config, norm: nn.LayerNorm | None = None) -> None:
+    def __init__(self, linear: nn.Linear, gelu: bool, config: Fp8Config, norm: nn.LayerNorm | None = None) -> None:
         from samrepro.kernels import fp8_rows  # noqa: F401  registers torch.ops.samrepro.fp8_rows
 
         super().__init__()
@@ -69,7 +69,7 @@ def _row_norm(norm: nn.Module, dim: int) -> bool:
     return affine and tuple(norm.normalized_shape) == (dim,)
 
 
-def _apply(sam: Sam, config: fp8.Fp8Config, undo: Undo) -> None:
+def _apply(sam: Sam, config: Fp8Config, undo: Undo) -> None:
     linears = encoder_linears(sam)
     require_multiples(linears, 16, "fp8_fused", "torch._scaled_mm")
     blocks = sam.image_encoder.blocks
@@ -93,11 +93,11 @@ PATCH = register_patch(
     Patch(
         name="fp8_fused",
         summary="fp8's float8 row-wise encoder Linears, activations quantized by one Triton pass, GELU fused in",
-        config_cls=fp8.Fp8Config,
+        config_cls=Fp8Config,
         apply_fn=_apply,
-        tolerance=fp8.PATCH.tolerance,  # the same quantization; GELU and norm2 in fp32, not rounded to bf16 first
+        tolerance=TOLERANCE,  # the same quantization; GELU and norm2 in fp32, not rounded to bf16 first
         requires=Requires(devices=("cuda",), min_capability=(8, 9), packages=("triton",)),
         changes_weights=True,
-        excludes=tuple(p for p in WEIGHT_PATCHES if p != "fp8_fused"),
+        slots=(WEIGHTS_SLOT,),
     )
 )

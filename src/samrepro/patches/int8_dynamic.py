@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from segment_anything.modeling import Sam
 
 from samrepro.patch import Patch, PatchConfig, Requires, Tolerance, Undo
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears, quantize_reversibly, require_multiples
-from samrepro.patches.compile import request_knobs
+from samrepro.patches._knobs import request_knobs
+from samrepro.patches._weights import WEIGHTS_SLOT, encoder_linears, quantize_reversibly, require_multiples
 from samrepro.registry import register_patch
 
 
@@ -66,6 +66,6 @@ PATCH = register_patch(
         tolerance=TOLERANCE,
         requires=Requires(packages=("torchao",)),
         changes_weights=True,
-        excludes=tuple(p for p in WEIGHT_PATCHES if p != "int8_dynamic"),
+        slots=(WEIGHTS_SLOT,),
     )
 )

@@ -17,7 +17,8 @@ from segment_anything.modeling import Sam, image_encoder, transformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from samrepro.patch import Patch, PatchConfig, Requires, Tolerance, Undo
-from samrepro.patches._relpos import rel_pos_bias, rel_pos_terms
+from samrepro.patches._attention import merge_heads, rel_terms, split_heads
+from samrepro.patches._relpos import rel_pos_bias
 from samrepro.registry import register_patch
 
 # H200, torch 2.11, vit_b encoder bs8 bf16 + sync_free, random weights, eager: upstream 106.2 ms / 10,006 MiB;
@@ -69,15 +70,14 @@ def encoder_attention_forward(
     self: image_encoder.Attention, x: torch.Tensor, backends: list[SDPBackend]
 ) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with the softmax attention done by SDPA."""
-    B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
-    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
-    q, k, v = qkv.unbind(0)  # B, heads, HW, d (strided views, last dim contiguous)
+    H, W = x.shape[1:3]  # a window's grid in windowed blocks
+    q, k, v = split_heads(self, x)  # B, heads, HW, d (strided views, last dim contiguous)
     bias = None
     if self.use_rel_pos:  # a module attribute, not a tensor value: fine under torch.compile
-        rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
+        rel_h, rel_w = rel_terms(self, q, (H, W))  # B, heads, H, W, H|W
         bias = rel_pos_bias(rel_h, rel_w).to(q.dtype)  # B, heads, HW, HW
     out = _sdpa(q, k, v, bias, self.scale, backends)  # B, heads, HW, d; scale = head_dim**-0.5 as upstream
-    return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # heads-major channels, as upstream
+    return merge_heads(self, out, (H, W))  # B, H, W, C
 
 
 def decoder_attention_forward(

@@ -35,8 +35,8 @@ from torch.sparse import (
 
 from samrepro.kernels import COUNTERS
 from samrepro.patch import Patch, PatchConfig, PatchError, PatchUnavailable, Tolerance, Undo
-from samrepro.patches._weights import WEIGHT_PATCHES, encoder_linears
-from samrepro.patches.bf16 import park_on_host
+from samrepro.patches._host import park_on_host
+from samrepro.patches._weights import WEIGHTS_SLOT, encoder_linears
 from samrepro.registry import register_patch
 
 BACKENDS: dict[str, type[SparseSemiStructuredTensor]] = {
@@ -103,8 +103,9 @@ def choose_backend(kernel: str, device: torch.device) -> str | None:
 
 def linear_2d(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward on the input flattened to (rows, in_features), the shape the sparse kernels take."""
-    out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # rows, out
-    return out.view(*x.shape[:-1], out.shape[-1])
+    out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # rows, out; may be column-major
+    # row-major, as a dense Linear returns it: the layout every later kernel was written and tested for
+    return out.contiguous().view(*x.shape[:-1], out.shape[-1])
 
 
 def _apply(sam: Sam, config: Sparse24Config, undo: Undo) -> None:
@@ -149,7 +150,7 @@ PATCH = register_patch(
         apply_fn=_apply,
         tolerance=TOLERANCE,
         changes_weights=True,
-        excludes=tuple(p for p in WEIGHT_PATCHES if p != "sparse24"),
+        slots=(WEIGHTS_SLOT,),
         reference_config={"kernel": "masked"},  # the same pruned weights, dense
     )
 )

@@ -19,7 +19,8 @@ import torch
 from segment_anything.modeling import Sam, image_encoder
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
-from samrepro.patches._relpos import rel_pos_terms, tables_fit
+from samrepro.patches._attention import KERNEL_SLOT, merge_heads, rel_terms, split_heads
+from samrepro.patches._relpos import tables_fit
 from samrepro.registry import register_patch
 
 
@@ -73,19 +74,18 @@ def encoder_attention_forward(
 ) -> torch.Tensor:
     """Upstream `image_encoder.Attention.forward` with softmax, bias and both matmuls in one Triton kernel; with
     `tables`, and tables that fit the (H, W) grid, the rel terms are computed in the kernel too."""
-    B, H, W, _ = x.shape  # B = batch * windows for windowed blocks
-    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3, B, heads, HW, d
-    q, k, v = qkv.unbind(0)  # B, heads, HW, d: strided views, read in place by the kernel
+    H, W = x.shape[1:3]  # a window's grid in windowed blocks
+    q, k, v = split_heads(self, x)  # B, heads, HW, d: strided views, read in place by the kernel
     *blocks, bias = launch
     if tables and tables_fit(self.rel_pos_h, self.rel_pos_w, (H, W)):
         attention = torch.ops.samrepro.rel_pos_attention_tables
         out = attention(q, k, v, self.rel_pos_h, self.rel_pos_w, self.scale, *blocks, split_head)  # B, heads, HW, d
     else:
-        rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))  # B, heads, H, W, H|W
+        rel_h, rel_w = rel_terms(self, q, (H, W))  # B, heads, H, W, H|W
         rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)  # B, heads, HW, H|W
         attention = torch.ops.samrepro.rel_pos_attention
         out = attention(q, k, v, rel_h, rel_w, self.scale, *blocks, split_head, bias)  # B, heads, HW, d
-    return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))  # the kernel wrote (B, HW, heads, d): no copy
+    return merge_heads(self, out, (H, W))  # B, H, W, C; the kernel wrote (B, HW, heads, d): no copy
 
 
 def _bind(module: image_encoder.Attention, launch: tuple[int, int, int, int, str], split_head: bool, tables: bool):
@@ -125,6 +125,6 @@ PATCH = register_patch(
             agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35.0, iou_pred_max_abs=0.05
         ),
         requires=Requires(devices=("cuda",), min_capability=(8, 0), packages=("triton",)),
-        excludes=("flex_attn",),  # both replace the encoder attention
+        slots=(KERNEL_SLOT,),
     )
 )
