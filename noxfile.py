@@ -17,7 +17,7 @@ def tests(session: nox.Session) -> None:
     """pytest on CPU (tests marked cuda or heavy excluded), then ruff."""
     session.install("-e", ".[dev]")
     session.run("pytest", "-m", "not cuda and not heavy", *session.posargs)
-    session.run("ruff", "check", "src", "tests")
+    session.run("ruff", "check", "src", "tests", "tools")
 
 
 @nox.session

@@ -2,7 +2,7 @@
 # One GPU run: install the wheels in .whl/, then run PART. Outputs land under $OUT (tarred).
 # Usage (repo root, wheels in .whl/): bash benchmarks/device.sh PART [args]
 #   env      versions of what is there
-#   train    train the tiny model (args go to samrepro.train); weights and report in $OUT/train.tgz
+#   train    train the tiny model (args go to tools.train_tiny); weights and report in $OUT/train.tgz
 #   gates    the equivalence gates on cuda
 #   attn     benchmarks/attn_bench.py ARGS (attention kernels at SAM's shapes)
 #   peer     benchmarks/peer_side_by_side.py ARGS (official vs segment-anything-fast vs samrepro)
@@ -23,7 +23,7 @@ case $part in
     python3 -c "import torch,triton,torchvision,torchao,segment_anything as s;print(torch.__version__,triton.__version__,torchvision.__version__,torchao.__version__,torch.cuda.get_device_name())"
     ;;
   train)
-    python3 -m samrepro.train --device cuda --out /tmp/train/weights --report-dir /tmp/train/tiny-training "$@" 2>&1 \
+    python3 -m tools.train_tiny --device cuda --out /tmp/train/weights --report-dir /tmp/train/tiny-training "$@" 2>&1 \
       | tee "$OUT/train.log"
     tar czf "$OUT/train.tgz" -C /tmp/train .
     ;;

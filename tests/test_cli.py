@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
-from samrepro import cli, plans
-from samrepro.models import TINY_WEIGHTS
+from samrepro import cli, models, patch_table, plans
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -53,10 +49,13 @@ def test_cuda_without_gpu(capsys):
     assert code == 2 and err.count("\n") == 1 and "no CUDA GPU is available" in err
 
 
-@pytest.mark.skipif(TINY_WEIGHTS.exists(), reason="the shipped tiny weights exist")
-def test_missing_shipped_weights(capsys):
+def test_missing_shipped_weights(capsys, monkeypatch, tmp_path):
+    """A copy installed without its weights: the default tiny run stops before any step and says what to do."""
+    monkeypatch.setattr(models, "TINY_WEIGHTS", tmp_path / "sam_tiny.safetensors")
+    monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, "ablate", "tiny", "cpu")
-    assert code == 2 and "shipped tiny weights are missing" in err and "--weights random" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "shipped tiny weights are missing" in err and "--weights random" in err
 
 
 def test_bad_plan_file_names_file_and_key(capsys, tmp_path):
@@ -79,9 +78,6 @@ def test_patches_table(capsys):
     assert "exact" in sync and "yes" in sync
 
 
-def test_train_tiny_delegates(capsys, monkeypatch):
-    seen = []
-    monkeypatch.setitem(sys.modules, "samrepro.train", types.SimpleNamespace(main=seen.append))
-    monkeypatch.delattr("samrepro.train", raising=False)
-    code, _, _ = run(capsys, "train-tiny", "out.safetensors", "--steps", "3")
-    assert code == 0 and seen == [["out.safetensors", "--steps", "3"]]
+def test_patches_markdown_is_the_generated_table(capsys):
+    code, out, _ = run(capsys, "patches", "--markdown")
+    assert code == 0 and out == patch_table.markdown() + "\n"

@@ -54,7 +54,7 @@ def test_relative_links_resolve() -> None:
 # Built from pieces so that this file's own text does not match it.
 _PIECES = ["sess" + "ion [0-9]", "sess" + "ions? [0-9]", "iss" + "ue #?[0-9]", "ca" + "ll [0-9]+"]
 PRIVATE_REFERENCE = re.compile("|".join(_PIECES), re.IGNORECASE)
-SEARCHED = ["src", "tests", "benchmarks", "ablations", "reports", "docs", "README.md"]
+SEARCHED = ["src", "tests", "tools", "benchmarks", "ablations", "reports", "docs", "README.md"]
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".sh", ".txt", ".json", ".log"}
 
 

@@ -1,4 +1,5 @@
-"""The wheel a user installs holds every module and the shipped plans (a non-editable install finds them)."""
+"""The wheel a user installs holds every module and the shipped plans (a non-editable install finds them), and
+none of the repository's tools."""
 
 from __future__ import annotations
 
@@ -23,3 +24,4 @@ def test_the_wheel_ships_every_module_and_plan(tmp_path):
     plans = {f"samrepro/ablations/{p.name}" for p in (ROOT / "ablations").glob("*.toml")}
     assert plans and modules - names == set() and plans - names == set()
     assert "samrepro/weights/sam_tiny.safetensors" in names and "samrepro/published.toml" in names
+    assert not [n for n in names if n.startswith("tools/")]  # the tiny model's training among them

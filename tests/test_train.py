@@ -1,4 +1,4 @@
-"""CPU smoke tests of the tiny SAM training: outputs, learning, determinism, data order, preprocessing."""
+"""CPU smoke tests of the tiny SAM training tool: outputs, learning, determinism, data order, preprocessing."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from samrepro import train
 from samrepro.data.synthetic import image_rng, make_image
 from samrepro.models import build_tiny, load_model, sha256
+from tools.train_tiny import cli, data, loop, loss
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def run(tmp_path, name: str, *extra: str):
     """One training run into tmp_path/name: (weights path, report dir)."""
     out = tmp_path / name
     argv = [*TINY_RUN, "--out", str(out / "w"), "--report-dir", str(out / "r"), "--data-dir", str(tmp_path / "data")]
-    assert train.main([*argv, *extra]) == 0
+    assert cli.main([*argv, *extra]) == 0
     return out / "w" / "sam_tiny.safetensors", out / "r"
 
 
@@ -61,29 +61,29 @@ def test_same_seed_same_weights(tmp_path):
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     sam = build_tiny().train()
-    batch = train.make_batch(seed=0, batch=0, batch_size=1, slots=3)
+    batch = data.make_batch(seed=0, batch=0, batch_size=1, slots=3)
     opt = torch.optim.AdamW(sam.parameters())
-    losses = [train.train_step(sam, opt, batch, lr=1e-3, clip=1.0)[0].item() for _ in range(30)]
+    losses = [loop.train_step(sam, opt, batch, lr=1e-3, clip=1.0)[0].item() for _ in range(30)]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
 
 
 def test_batches_are_train_images_in_order_for_any_worker_count():
-    loader = DataLoader(train.TrainBatches(seed=0, batch_size=1, slots=2), batch_size=None, num_workers=2)
+    loader = DataLoader(data.TrainBatches(seed=0, batch_size=1, slots=2), batch_size=None, num_workers=2)
     got = list(itertools.islice(loader, 3))
     for i, batch in enumerate(got):
-        ref = train.make_batch(0, i, 1, 2)
+        ref = data.make_batch(0, i, 1, 2)
         assert all(torch.equal(batch[k], ref[k]) for k in ref)
     image, _ = make_image(image_rng("train", 0, 1))
     h, w = got[1]["size"][0].tolist()
-    assert np.array_equal(got[1]["image"][0, :, :h, :w].permute(1, 2, 0).numpy(), train.RESIZE.apply_image(image))
+    assert np.array_equal(got[1]["image"][0, :, :h, :w].permute(1, 2, 0).numpy(), data.RESIZE.apply_image(image))
 
 
 def test_prompts_hit_their_mask():
     rng = np.random.default_rng(0)
     _, masks = make_image(image_rng("train", 0, 0))
     for mask in masks:
-        for kind in (train.POINT, train.MULTI):
-            points, labels, _ = train.sample_prompts(rng, mask, *train.pixels(mask), kind)
+        for kind in (data.POINT, data.MULTI):
+            points, labels, _ = data.sample_prompts(rng, mask, *data.pixels(mask), kind)
             used = labels >= 0
             x, y = points[used].astype(int).T
             assert np.array_equal(mask[y, x], labels[used] == 1)
@@ -91,8 +91,8 @@ def test_prompts_hit_their_mask():
 
 def test_normalize_is_sam_preprocess():
     sam = build_tiny()
-    batch = train.make_batch(seed=0, batch=0, batch_size=2, slots=1)
-    x, valid = train.normalize(sam, batch["image"], batch["size"])  # B, 3, S, S; B, S, S
+    batch = data.make_batch(seed=0, batch=0, batch_size=2, slots=1)
+    x, valid = loss.normalize(sam, batch["image"], batch["size"])  # B, 3, S, S; B, S, S
     for i, (h, w) in enumerate(batch["size"].tolist()):
         assert torch.equal(x[i : i + 1], sam.preprocess(batch["image"][i : i + 1, :, :h, :w].float()))
         assert valid[i].sum() == h * w
@@ -107,6 +107,6 @@ def test_decode_matches_predict_masks():
     sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
     pe = sam.prompt_encoder.get_dense_pe()
     ref = sam.mask_decoder.predict_masks(emb, pe, sparse, dense)  # repeats the embedding per prompt itself
-    out = train.decode(sam.mask_decoder, emb.expand(5, -1, -1, -1), pe, sparse, dense)
+    out = loss.decode(sam.mask_decoder, emb.expand(5, -1, -1, -1), pe, sparse, dense)
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r)

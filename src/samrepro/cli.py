@@ -1,9 +1,8 @@
-"""`samrepro` command line: argument parsing only; the work is in runner, report, tracking and train."""
+"""`samrepro` command line: argument parsing only; the work is in runner, report, tracking and patch_table."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import subprocess
 import sys
@@ -79,7 +78,8 @@ def build_parser() -> Parser:
     ui.add_argument("--port", type=positive, default=5000)
     ui.add_argument("--tracking-uri")
 
-    sub.add_parser("patches", help="registered patches, their tolerances and availability here", parents=[common])
+    pat = sub.add_parser("patches", help="registered patches, their tolerances and availability here", parents=[common])
+    pat.add_argument("--markdown", action="store_true", help="the README's table instead (the same on every machine)")
 
     fetch = sub.add_parser("weights", help="download and verify official checkpoints into the cache", parents=[common])
     fetch.add_argument("action", choices=["fetch"])
@@ -90,19 +90,12 @@ def build_parser() -> Parser:
     data.add_argument("action", choices=["fetch"])
     data.add_argument("dataset", choices=["coco"], help="coco: COCO val2017 images and instance annotations")
     data.add_argument("--cache-dir", type=Path, help="default: $SAMREPRO_CACHE/coco or ~/.cache/samrepro/coco")
-
-    train = sub.add_parser("train-tiny", help="train the tiny model's shipped weights", add_help=False)
-    train.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "train-tiny" in argv[:2] and argv[0] in ("train-tiny", "--debug"):  # every later option is the trainer's
-        split = argv.index("train-tiny")
-        args = argparse.Namespace(command="train-tiny", debug=split == 1, args=argv[split + 1 :])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args, argv)
     except (UsageError, PlanError, FileNotFoundError, FolderLocked) as e:
@@ -184,20 +177,9 @@ def ui(args: argparse.Namespace, argv: list[str]) -> int:
 def patches(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from samrepro.registry import get_patch, list_patches
+    from samrepro import patch_table
 
-    here = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [("name", "devices", "changes weights", "tolerance", f"available ({here})", "summary")]
-    for name in list_patches():
-        p = get_patch(name)
-        reason = p.unavailable_reason(here)
-        rows.append(
-            (name, ",".join(p.requires.devices), "yes" if p.changes_weights else "no", _tolerance(p.tolerance),
-             "yes" if reason is None else f"no: {reason}", p.summary)
-        )  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    print(patch_table.markdown() if args.markdown else patch_table.text("cuda" if torch.cuda.is_available() else "cpu"))
     return 0
 
 
@@ -216,20 +198,6 @@ def data(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def train_tiny(args: argparse.Namespace, argv: list[str]) -> int:
-    from samrepro import train
-
-    return train.main(args.args) or 0
-
-
-def _tolerance(tol) -> str:
-    sqnr = "exact" if math.isinf(tol.embedding_sqnr_min_db) else f">={tol.embedding_sqnr_min_db:g}dB"
-    return (
-        f"agree>={tol.agreement_miou_min:g} gt-drop<={tol.gt_miou_drop_max:g} "
-        f"sqnr {sqnr} iou-pred<={tol.iou_pred_max_abs:g}"
-    )
-
-
 def _need_dir(path: Path) -> None:
     if not path.is_dir():
         raise UsageError(f"results folder not found: {path}")
@@ -243,7 +211,6 @@ COMMANDS = {
     "patches": patches,
     "weights": weights,
     "data": data,
-    "train-tiny": train_tiny,
 }
 
 if __name__ == "__main__":
