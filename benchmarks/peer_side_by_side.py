@@ -4,15 +4,13 @@ Same seeded random weights and workload for all: 1024x1024 seeded noise images, 
 single-point prompts per image through the decoder (multimask_output=True, best of 3 by predicted IoU, threshold 0).
 Prints and writes (JSON) img/s, warm-up (compile) seconds, peak memory and agreement mIoU with the official masks.
 
-GPU run. SAF comes from a git-ignored shallow clone inside the repo, so it travels with the tree to a GPU machine
-without internet:
-    git clone --depth 1 https://github.com/pytorch-labs/segment-anything-fast .peer/segment-anything-fast
-    echo /.peer/ >> .git/info/exclude
-    # one run per model (writes $OUT/peer.json and peer.log); as run for the fp8_fused reports on the H100:
-    bash benchmarks/device.sh peer --model vit_b --images 128 --compile-mode reduce-overhead \
+Runs on any machine with a CUDA GPU and samrepro installed (`pip install -e .`), with a checkout of SAF:
+    git clone --depth 1 https://github.com/pytorch-labs/segment-anything-fast ../segment-anything-fast
+    # one run per model; as run for the fp8_fused reports on the H100:
+    python benchmarks/peer_side_by_side.py --saf-dir ../segment-anything-fast --out peer.json \
+        --model vit_b --images 128 --compile-mode reduce-overhead \
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
-    bash benchmarks/device.sh peer --model vit_h --images 48 --compile-mode reduce-overhead \
-        --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
+    # the same with --model vit_h --images 48
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
@@ -22,6 +20,8 @@ without internet:
     # (vit_b) and 253 s (vit_h), its flash_4 kernel autotuning 60 configs; samrepro vit_b 143 s with compile's default
     # coordinate-descent tuning. The vit_h run with that tuning on ran past 10 minutes inside samrepro's warm-up,
     # hence the config above.
+On a GPU machine without internet, `bash benchmarks/device.sh peer ARGS` does the same from wheels carried in
+.whl/ and a clone in the git-ignored .peer/ folder.
 
 One process, so that all three meet the same machine: SAF's import name is `segment_anything_fast` at every commit,
 so it cannot clash with the official `segment_anything`; `import_checkout` makes sure the checkout runs, not an

@@ -179,16 +179,15 @@ def test_plan_bounds_apply_only_on_the_calibrated_workload(tmp_path):
 
 
 def test_runner_gates_with_the_plan_bound_only_where_it_holds(tmp_path):
-    from samrepro import runner
 
     plan = plans.load(write(tmp_path, GOOD + CALIBRATED))
     step = plans.resolve(plan, "cumulative", lambda names: None)[2]
-    here = runner.tolerance_spec(step, RUN | {"bounds_off": plan.bounds_apply(RUN)})
+    here = plans.tolerance_spec(step, plan.bounds_apply(RUN))
     assert here == {
         "tolerance": {"agreement_miou_min": 0.5},
         "tolerance_source": "declared, tightened by the plan: agreement_miou_min=0.5",
     }
-    elsewhere = runner.tolerance_spec(step, {"bounds_off": plan.bounds_apply(RUN | {"data": "synthetic"})})
+    elsewhere = plans.tolerance_spec(step, plan.bounds_apply(RUN | {"data": "synthetic"}))
     assert elsewhere["tolerance"] == {}
     assert elsewhere["tolerance_source"].startswith(
         "declared; plan bound agreement_miou_min=0.5 not applied: plan bounds"

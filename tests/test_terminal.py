@@ -38,7 +38,7 @@ if spec["step"] == "sync_free" and {crash}:
     sys.exit(3)
 r = results.StepResult(model="tiny", device="cpu", batch_size=2, step=spec["step"], index=spec["index"],
                        patches=spec["patches"], status="ok", gate="pass" if spec["index"] else "skipped",
-                       weights="random(seed=0)", plan=spec["plan"]["name"], plan_hash=spec["plan_hash"],
+                       weights="random(seed=0)", plan=spec["plan"], plan_hash=spec["plan_hash"],
                        img_s=10.0 * (spec["index"] + 1), compile_s=1.5, peak_mem_mib=100.0,
                        miou_agreement=None if spec["index"] == 0 else 1.0)
 results.write(r, Path(spec["results_dir"]))

@@ -6,7 +6,9 @@ import torch
 from segment_anything.modeling import Sam
 
 from samrepro import workload
-from samrepro.metrics import mask_iou, max_abs, sqnr_db
+from samrepro.bench import Masks
+from samrepro.compare import Outputs, deviation
+from samrepro.metrics import mask_iou
 from samrepro.workload import Sample
 
 
@@ -28,18 +30,14 @@ def run_chunked(sam: Sam, samples: list[Sample], batch_size: int) -> tuple[torch
     return torch.cat(embs), preds
 
 
+def outputs(sam: Sam, samples: list[Sample], batch_size: int) -> Outputs:
+    """`sam`'s outputs on `samples`, every image's embedding kept."""
+    emb, preds = run_chunked(sam, samples, batch_size)
+    masks = [Masks.pack(p.best) for p in preds]
+    return Outputs(masks, [p.iou_pred.float().cpu() for p in preds], emb, gt_miou(preds, samples))
+
+
 def compare(ref: Sam, patched: Sam, samples: list[Sample], batch_size: int | None = None) -> dict[str, float | None]:
     """Deviation of `patched` from `ref` (the fp32 model), pooled over every prompt of `samples`."""
     batch_size = batch_size or len(samples)
-    ref_emb, ref_preds = run_chunked(ref, samples, batch_size)
-    emb, preds = run_chunked(patched, samples, batch_size)
-    ious = [mask_iou(p.best.cpu(), r.best.cpu()) for p, r in zip(preds, ref_preds) if r.best.numel()]
-    iou_dev = [max_abs(r.iou_pred.cpu(), p.iou_pred.cpu()) for p, r in zip(preds, ref_preds)]
-    ref_gt, gt = gt_miou(ref_preds, samples), gt_miou(preds, samples)
-    return {
-        "embedding_sqnr_db": sqnr_db(ref_emb, emb),
-        "miou_agreement": torch.cat(ious).mean().item() if ious else None,
-        "iou_pred_max_abs": max(iou_dev, default=0.0),
-        "miou_gt": gt,
-        "miou_gt_drop": None if gt is None else ref_gt - gt,
-    }
+    return deviation(outputs(ref, samples, batch_size), outputs(patched, samples, batch_size))

@@ -15,12 +15,30 @@ from samrepro.registry import get_patch, ordered
 from samrepro.workload import Sample
 
 
-def plan_tolerance(patches: list[Patch]) -> Tolerance:
-    """The tolerance of several patches stacked (each one's errors add up)."""
+def plan_tolerance(
+    patches: list[Patch], bound: dict[str, float] | None = None, plainly: str | None = None
+) -> Tolerance:
+    """The tolerance of several patches stacked: each one's errors add up (`Tolerance.compose`), and a plan `bound`
+    can only demand more. `plainly` names a weight-changing patch whose change the reference makes too (random
+    weights, `Patch.reference_config`): only its kernels' reordering then counts against it."""
     tol = Tolerance()
     for patch in patches:
-        tol = tol.compose(patch.tolerance)
-    return tol
+        tol = tol.compose(patch.reference_tolerance if patch.name == plainly else patch.tolerance)
+    return tol.tighten(bound or {})
+
+
+def check(
+    measured: dict[str, float | None],
+    patches: list[Patch],
+    bound: dict[str, float] | None = None,
+    plainly: str | None = None,
+    measures: tuple[str, ...] | None = None,
+) -> tuple[Tolerance, list[str]]:
+    """The gate: the tolerance `patches` are held to and the violations of it by `measured` (a `deviation`,
+    restricted to `measures` when given). The runner's steps and the equivalence tests both decide here."""
+    tol = plan_tolerance(patches, bound, plainly)
+    checked = measured if measures is None else {k: measured[k] for k in measures}
+    return tol, check_tolerance(checked, tol)
 
 
 # Per-mask measures are statistics over prompts: a handful of prompts (one best-of-3 flip) says little, so the
@@ -44,8 +62,7 @@ def accuracy_violations(
     finally:
         for h in reversed(handles):
             h.undo()
-    checked = measured if measures is None else {k: measured[k] for k in measures}
-    return check_tolerance(checked, plan_tolerance(patches)), measured
+    return check(measured, patches, measures=measures)[1], measured
 
 
 def undo_violations(sam: Sam, patches: list[Patch], samples: list[Sample]) -> list[str]:

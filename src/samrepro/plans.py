@@ -285,6 +285,17 @@ def resolve(plan: Plan, mode: str, unavailable: Callable[[list[str]], str | None
     return out
 
 
+def tolerance_spec(step: ResolvedStep, bounds_off: str | None) -> dict[str, Any]:
+    """The plan bound a step is gated with, and a line saying where its tolerance comes from; `bounds_off` says
+    why the plan's bounds do not hold on this workload (`Plan.bounds_apply`), None where they were calibrated."""
+    if not step.tolerance:
+        return {"tolerance": {}, "tolerance_source": "declared (the patches' composed tolerances)"}
+    bound = ", ".join(f"{k}={v:g}" for k, v in sorted(step.tolerance.items()))
+    if bounds_off:
+        return {"tolerance": {}, "tolerance_source": f"declared; plan bound {bound} not applied: {bounds_off}"}
+    return {"tolerance": step.tolerance, "tolerance_source": f"declared, tightened by the plan: {bound}"}
+
+
 def _resolved(
     i: int, step: Step, names: list[str], configs: dict[str, dict[str, Any]], reason: str | None, note: str | None
 ) -> ResolvedStep:

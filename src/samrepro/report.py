@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from samrepro import published, results
-from samrepro.results import StepResult
+from samrepro.results import StepResult, baseline, env_fields, plan_name, read_plan
 
-PLAN_FILE = "plan.json"  # written by the runner
-PLAN_KEYS = ("plan", "plan_hash", "mode", "model", "device", "batch_size", "images", "weights")
 CHARTS = {  # file stem -> (StepResult field, axis label, title)
     "throughput": ("img_s", "images / s", "Throughput per step"),
     "memory": ("peak_mem_mib", "peak memory (MiB)", "Peak memory per step"),
@@ -24,38 +22,6 @@ RANDOM_BANNER = "> [!WARNING]\n> **random weights: ground-truth mIoU is meaningl
 SLOWER = "▼"  # marks, in the table, a step slower than the step before it
 LOG_WORDS = re.compile(r"compile|autotune|graph break|fallback", re.IGNORECASE)  # "compile" covers recompile
 LOG_TAIL = 10  # matching log lines quoted per regression
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys; lists become JSON text."""
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            flat |= flatten(v, key)
-        else:
-            flat[key] = json.dumps(v) if isinstance(v, list | tuple) else v
-    return flat
-
-
-def plan_name(plan: dict[str, Any]) -> str:
-    """The plan's name; plan.json holds the whole normalised plan under "plan"."""
-    value = plan.get("plan")
-    return value.get("name", "") if isinstance(value, dict) else str(value)
-
-
-def env_fields(env: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A StepResult's environment as dotted keys, without the plan it embeds (plan.json holds that)."""
-    return flatten({k: v for k, v in env.items() if k != "plan"}, prefix)
-
-
-def read_plan(results_dir: Path, step_results: list[StepResult]) -> dict[str, Any]:
-    """plan.json's keys, with those it lacks taken from the first StepResult."""
-    info = {k: getattr(step_results[0], k) for k in PLAN_KEYS} if step_results else {}
-    path = Path(results_dir) / PLAN_FILE
-    if path.exists():
-        info |= json.loads(path.read_text())
-    return info
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
@@ -75,11 +41,6 @@ def write_report(results_dir: Path, out_dir: Path | None = None) -> Path:
     path = out_dir / "report.md"
     path.write_text(render(step_results, plan, results_dir / "logs"))
     return path
-
-
-def baseline(step_results: list[StepResult]) -> StepResult | None:
-    """The fp32 step: the first one that ran with no patches."""
-    return next((r for r in step_results if r.status == "ok" and not r.patches), None)
 
 
 def measured(step_results: list[StepResult]) -> list[StepResult]:

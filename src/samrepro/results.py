@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
+PLAN_FILE = "plan.json"  # written by the runner: the plan and the run's settings, once per folder
+PLAN_KEYS = ("plan", "plan_hash", "mode", "model", "device", "batch_size", "images", "weights")
 STATUSES = ("ok", "skipped", "failed")
 GATES = ("pass", "fail", "skipped")
 
@@ -34,6 +36,7 @@ class StepResult:
     plan_hash: str = ""
     mode: str = "cumulative"
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)  # each patch's revision (`Patch.revision`)
     reason: str | None = None  # why skipped / failed
     images: int = 0
     prompts_per_image: float = 0.0
@@ -85,13 +88,17 @@ def utc_now() -> str:
 
 
 def write(result: StepResult, folder: Path) -> Path:
+    """Write atomically (see `write_json`) as FOLDER/step_NN_name.json."""
+    return write_json(Path(folder) / result.filename(), result.to_dict())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write atomically: a temp file in the same folder, fsync, then rename."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / result.filename()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(result.to_dict(), f, indent=2, sort_keys=True, allow_nan=True)
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,3 +122,40 @@ def read_all(folder: Path) -> list[StepResult]:
         except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
             print(f"samrepro: warning: skipping unreadable step result {path}: {e}", file=sys.stderr)
     return sorted(out, key=lambda r: r.index)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists become JSON text."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            flat |= flatten(v, key)
+        else:
+            flat[key] = json.dumps(v) if isinstance(v, list | tuple) else v
+    return flat
+
+
+def plan_name(plan: dict[str, Any]) -> str:
+    """The plan's name; plan.json holds the whole normalised plan under "plan"."""
+    value = plan.get("plan")
+    return value.get("name", "") if isinstance(value, dict) else str(value)
+
+
+def env_fields(env: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A StepResult's environment as dotted keys, without the plan it embeds (plan.json holds that)."""
+    return flatten({k: v for k, v in env.items() if k != "plan"}, prefix)
+
+
+def read_plan(results_dir: Path, step_results: list[StepResult]) -> dict[str, Any]:
+    """plan.json's keys, with those it lacks taken from the first StepResult."""
+    info = {k: getattr(step_results[0], k) for k in PLAN_KEYS} if step_results else {}
+    path = Path(results_dir) / PLAN_FILE
+    if path.exists():
+        info |= json.loads(path.read_text())
+    return info
+
+
+def baseline(step_results: list[StepResult]) -> StepResult | None:
+    """The fp32 step: the first one that ran with no patches."""
+    return next((r for r in step_results if r.status == "ok" and not r.patches), None)

@@ -15,21 +15,20 @@ A rerun keeps the finished steps and runs the rest.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from samrepro import console, env, lock, plans, results, supervise
+from samrepro import conclude, console, env, lock, plans, results, supervise
 from samrepro.checkpoints import cache_root
+from samrepro.console import say as _say
 from samrepro.inputs import (
     UsageError,
     check_inputs,
@@ -43,11 +42,12 @@ from samrepro.inputs import (
 )
 from samrepro.plans import Plan, ResolvedStep
 from samrepro.results import StepResult, utc_now
+from samrepro.spec import INPUT_KEYS, StepSpec
 from samrepro.step import BASELINE
 from samrepro.supervise import Interrupted
 
+T = TypeVar("T")
 STEP_COMMAND = [sys.executable, "-m", "samrepro.step"]  # + the spec path
-VOLATILE = ("results_dir", "cache_dir", "profile")  # spec keys that do not change what a step measures
 
 
 @dataclass
@@ -131,13 +131,13 @@ def run_ablation(
     setup["bounds_off"] = plan.bounds_apply(setup)  # None: the plan's step bounds were calibrated on this workload
     with supervise.interruptible(), _locked(folder, command):
         try:
-            _write_json(folder / "plan.json", setup | {"command": command})
+            results.write_json(folder / results.PLAN_FILE, setup | {"command": command})
             _set_aside_stale(folder, [_filename(s) for s in steps])
             _say(f"{plan.name} ({mode}) on {model}/{device}, batch {batch_size}, {images} images -> {folder}")
             step_results, wall_s = _run_steps(folder, steps, setup, force, profile)
             outcome = Outcome(folder, step_results)
-            _conclude(step_results, wall_s)
-            _finish(folder, tracking_uri, track)
+            conclude.summary(step_results, wall_s)
+            conclude.report_and_track(folder, tracking_uri, track)
         except Interrupted as e:
             e.results_dir = folder
             raise
@@ -150,28 +150,33 @@ def _run_steps(
     """Every step's result (kept or new) and the wall seconds of the steps run now."""
     out, wall_s, view = [], {}, console.StepView()
     for step in steps:
-        spec = setup | {
-            "index": step.index,
-            "step": step.name,
-            "patches": list(step.patches),
-            "configs": step.configs,
-            **tolerance_spec(step, setup),
-            "note": step.note,
-            "results_dir": str(folder.resolve()),
-            "cache_dir": str(cache_root()),
-            "profile": profile,
-        }
+        spec = StepSpec(
+            **{k: setup[k] for k in INPUT_KEYS},
+            plan=setup["plan"]["name"],
+            plan_hash=setup["plan_hash"],
+            mode=setup["mode"],
+            index=step.index,
+            step=step.name,
+            patches=list(step.patches),
+            configs=step.configs,
+            revisions=StepSpec.revisions_of(step.patches),
+            **plans.tolerance_spec(step, setup["bounds_off"]),
+            note=step.note,
+            results_dir=str(folder.resolve()),
+            cache_dir=str(cache_root()),
+            profile=profile,
+        )
         kept = None if force else reusable(folder, step, spec)
         if kept is not None:
             _say(f"step {step.index:02d} {step.name}: kept ({kept.status}, results exist; --force reruns it)")
             out.append(kept)
             continue
-        _write_json(folder / "specs" / _filename(step), spec)
+        spec.write(folder / "specs" / _filename(step))
         start = time.monotonic()
         if step.skip_reason:
-            result = _skip(step, spec)
+            result = _recorded(folder, spec.result(status="skipped", reason=step.skip_reason), capture_env=True)
         elif bad := config_error(step):
-            result = _fail(step, spec, bad)
+            result = _recorded(folder, spec.result(reason=bad))
         else:
             result = _spawn(folder, step, spec, view)
             wall_s[step.name] = time.monotonic() - start
@@ -187,27 +192,15 @@ def _run_steps(
     return out, wall_s
 
 
-def tolerance_spec(step: ResolvedStep, setup: dict[str, Any]) -> dict[str, Any]:
-    """The plan bound a step is gated with, and a line saying where its tolerance comes from."""
-    if not step.tolerance:
-        return {"tolerance": {}, "tolerance_source": "declared (the patches' composed tolerances)"}
-    bound = ", ".join(f"{k}={v:g}" for k, v in sorted(step.tolerance.items()))
-    if why := setup["bounds_off"]:
-        return {"tolerance": {}, "tolerance_source": f"declared; plan bound {bound} not applied: {why}"}
-    return {"tolerance": step.tolerance, "tolerance_source": f"declared, tightened by the plan: {bound}"}
-
-
-def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResult | None:
+def reusable(folder: Path, step: ResolvedStep, spec: StepSpec) -> StepResult | None:
     """The existing result of this step when it answers the same spec: ok, or skipped for the same reason."""
     path, spec_path = folder / _filename(step), folder / "specs" / _filename(step)
     if not path.is_file() or not spec_path.is_file():
         return None
-    try:
-        old, old_spec = results.read(path), json.loads(spec_path.read_text())
-    except (OSError, ValueError, TypeError) as e:  # e.g. truncated by a crash of an older, non-atomic writer
-        _say(f"WARNING: {path.name} is unreadable ({first_line(str(e))}); running the step again")
+    old, old_spec = _read_or_warn(results.read, path), _read_or_warn(StepSpec.read, spec_path)
+    if old is None or old_spec is None:
         return None
-    if old.plan_hash != spec["plan_hash"] or _key(old_spec) != _key(spec):
+    if old.plan_hash != spec.plan_hash or old_spec.key() != spec.key():
         return None
     if step.skip_reason is not None:
         return old if old.status == "skipped" and old.reason == step.skip_reason else None
@@ -216,22 +209,25 @@ def reusable(folder: Path, step: ResolvedStep, spec: dict[str, Any]) -> StepResu
     return old if old.status == "ok" else None
 
 
-def _skip(step: ResolvedStep, spec: dict[str, Any]) -> StepResult:
-    now = utc_now()
-    result = _result(step, spec, status="skipped", reason=step.skip_reason, started_at=now, finished_at=now)
-    result.env = env.capture(spec["plan"])
-    results.write(result, Path(spec["results_dir"]))
+def _read_or_warn(read: Callable[[Path], T], path: Path) -> T | None:
+    """`read(path)`, or None with a warning: truncated by a crash, or written by another revision of samrepro."""
+    try:
+        return read(path)
+    except (OSError, ValueError, TypeError) as e:
+        _say(f"WARNING: {path.name} is unreadable ({first_line(str(e))}); running the step again")
+        return None
+
+
+def _recorded(folder: Path, result: StepResult, capture_env: bool = False) -> StepResult:
+    """The result of a step that ran no process, written now."""
+    result.started_at = result.finished_at = utc_now()
+    if capture_env:
+        result.env = env.capture()
+    results.write(result, folder)
     return result
 
 
-def _fail(step: ResolvedStep, spec: dict[str, Any], reason: str) -> StepResult:
-    now = utc_now()
-    result = _result(step, spec, status="failed", reason=reason, started_at=now, finished_at=now)
-    results.write(result, Path(spec["results_dir"]))
-    return result
-
-
-def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console.StepView) -> StepResult:
+def _spawn(folder: Path, step: ResolvedStep, spec: StepSpec, view: console.StepView) -> StepResult:
     """Run the step in a fresh process: its output to its log file, its phases to `view`; a crash without a
     result is recorded as failed with the log's last lines."""
     path = folder / _filename(step)
@@ -266,8 +262,8 @@ def _spawn(folder: Path, step: ResolvedStep, spec: dict[str, Any], view: console
     if path.is_file():
         return results.read(path)
     why = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    result = _result(step, spec, status="failed", reason=f"step process {why} without writing a result")
-    result.error, result.started_at, result.finished_at = supervise.tail(log_path), started, utc_now()
+    result = spec.result(reason=f"step process {why} without writing a result", error=supervise.tail(log_path))
+    result.started_at, result.finished_at = started, utc_now()
     results.write(result, folder)
     return result
 
@@ -284,55 +280,9 @@ def _locked(folder: Path, command: str) -> Iterator[None]:
     with held:
         if left:
             _say(f"WARNING: recovered a stale lock on {folder} from a runner that died ({lock.describe(left)})")
-        for tmp in [*folder.glob(".tmp-*"), *folder.glob("*.tmp"), *folder.glob("specs/*.tmp")]:
+        for tmp in [*folder.glob(".tmp-*"), *folder.glob("*.tmp"), *folder.glob("specs/.tmp-*")]:
             tmp.unlink()  # a write cut short by a kill; never read as a result
         yield
-
-
-def _result(step: ResolvedStep, spec: dict[str, Any], **fields: Any) -> StepResult:
-    return StepResult(
-        model=spec["model"],
-        device=spec["device"],
-        batch_size=spec["batch_size"],
-        step=step.name,
-        index=step.index,
-        patches=list(step.patches),
-        gate="skipped",
-        weights=spec["weights"] or "shipped tiny weights",
-        plan=spec["plan"]["name"],
-        plan_hash=spec["plan_hash"],
-        mode=spec["mode"],
-        configs=step.configs,
-        **fields,
-    )
-
-
-def _finish(folder: Path, tracking_uri: str | None, track: bool) -> None:
-    """The report, then tracking; neither can lose results, so neither fails the run."""
-    try:
-        from samrepro import report
-
-        _say(f"report: {report.write_report(folder)}")
-    except Exception as e:  # the JSONs are the truth; the report can be rebuilt
-        if not isinstance(e, ImportError):
-            traceback.print_exc()
-        _say(f"report not written ({type(e).__name__}: {e}); run `samrepro report {folder}` later")
-    if not track:
-        return
-    later = f"results kept in {folder}; run `samrepro log {folder}` later"
-    try:
-        from samrepro import tracking
-    except ImportError as e:
-        _say(f"{later} (tracking unavailable: {e})")
-        return
-    try:
-        run_id = tracking.log_results_dir(folder, tracking_uri)
-        store = tracking_uri or tracking.default_tracking_uri(Path.cwd())
-        _say(f"MLflow: parent run {run_id} in {store}; browse it with `samrepro ui` (or `nox -s ui`)")
-    except tracking.TrackingUnavailable as e:
-        _say(f"{later} ({e})")
-    except Exception as e:  # any other MLflow failure: the results on disk still stand
-        _say(f"{later} (MLflow failed: {type(e).__name__}: {first_line(str(e))})")
 
 
 def _set_aside_stale(folder: Path, current: list[str]) -> None:
@@ -344,29 +294,5 @@ def _set_aside_stale(folder: Path, current: list[str]) -> None:
             _say(f"moved {path.name} (not a step of this plan) to {folder / 'stale'}")
 
 
-def _conclude(step_results: list[StepResult], wall_s: dict[str, float]) -> None:
-    """The summary table and the totals a user needs to judge the run."""
-    console.summary(step_results, wall_s)
-    warm = sum(r.compile_s or 0.0 for r in step_results if r.step in wall_s)
-    failed = [r.step for r in step_results if r.status == "failed" or r.gate == "fail"]
-    ran = f"{len(wall_s)} step process(es) ran in {sum(wall_s.values()):.0f}s, {warm:.0f}s of it compiling/warming up"
-    _say(ran + (f"; FAILED: {', '.join(failed)}" if failed else "; every gate passed"))
-
-
-def _key(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec.items() if k not in VOLATILE}
-
-
 def _filename(step: ResolvedStep) -> str:
     return f"step_{step.index:02d}_{step.name}.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _say(line: str) -> None:
-    console.say(line)

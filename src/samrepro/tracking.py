@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from samrepro import results
-from samrepro.report import baseline, env_fields, flatten, plan_name, read_plan
-from samrepro.results import StepResult
+from samrepro.results import StepResult, baseline, env_fields, flatten, plan_name, read_plan
 
 LAYOUT = 2  # in the results key: runs logged by an older layout of this module are replaced when logged again
 ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite store's database file

@@ -1,0 +1,48 @@
+"""After the steps: the summary a user judges the run by, then the report and the MLflow runs."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from samrepro import console
+from samrepro.console import say
+from samrepro.inputs import first_line
+from samrepro.results import StepResult
+
+
+def summary(step_results: list[StepResult], wall_s: dict[str, float]) -> None:
+    """The summary table and the totals a user needs to judge the run."""
+    console.summary(step_results, wall_s)
+    warm = sum(r.compile_s or 0.0 for r in step_results if r.step in wall_s)
+    failed = [r.step for r in step_results if r.status == "failed" or r.gate == "fail"]
+    ran = f"{len(wall_s)} step process(es) ran in {sum(wall_s.values()):.0f}s, {warm:.0f}s of it compiling/warming up"
+    say(ran + (f"; FAILED: {', '.join(failed)}" if failed else "; every gate passed"))
+
+
+def report_and_track(folder: Path, tracking_uri: str | None, track: bool) -> None:
+    """The report, then tracking; neither can lose results, so neither fails the run."""
+    try:
+        from samrepro import report
+
+        say(f"report: {report.write_report(folder)}")
+    except Exception as e:  # the JSONs are the truth; the report can be rebuilt
+        if not isinstance(e, ImportError):
+            traceback.print_exc()
+        say(f"report not written ({type(e).__name__}: {e}); run `samrepro report {folder}` later")
+    if not track:
+        return
+    later = f"results kept in {folder}; run `samrepro log {folder}` later"
+    try:
+        from samrepro import tracking
+    except ImportError as e:
+        say(f"{later} (tracking unavailable: {e})")
+        return
+    try:
+        run_id = tracking.log_results_dir(folder, tracking_uri)
+        store = tracking_uri or tracking.default_tracking_uri(Path.cwd())
+        say(f"MLflow: parent run {run_id} in {store}; browse it with `samrepro ui` (or `nox -s ui`)")
+    except tracking.TrackingUnavailable as e:
+        say(f"{later} ({e})")
+    except Exception as e:  # any other MLflow failure: the results on disk still stand
+        say(f"{later} (MLflow failed: {type(e).__name__}: {first_line(str(e))})")
