@@ -103,9 +103,8 @@ def choose_backend(kernel: str, device: torch.device) -> str | None:
 
 def linear_2d(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward on the input flattened to (rows, in_features), the shape the sparse kernels take."""
-    out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # rows, out; may be column-major
-    # row-major, as a dense Linear returns it: the layout every later kernel was written and tested for
-    return out.contiguous().view(*x.shape[:-1], out.shape[-1])
+    out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # rows, out
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _apply(sam: Sam, config: Sparse24Config, undo: Undo) -> None:
