@@ -1,4 +1,4 @@
-"""nox sessions: tests, gates, ablate, report, ui; each ablation-side session is one line calling the CLI."""
+"""nox sessions: tests, gates, ablate, sweep, report, ui; each ablation-side session is one line calling the CLI."""
 
 import nox
 
@@ -14,8 +14,8 @@ USAGE = (
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """pytest on CPU (tests marked cuda or heavy excluded), then ruff."""
-    session.install("-e", ".[dev]")
+    """pytest on CPU (tests marked cuda or heavy excluded), then ruff; with Ray, so the sweep is tested too."""
+    session.install("-e", ".[dev,ray]")
     session.run("pytest", "-m", "not cuda and not heavy", *session.posargs)
     session.run("ruff", "check", "src", "tests", "tools")
 
@@ -37,6 +37,15 @@ def ablate(session: nox.Session) -> None:
         session.error(USAGE)
     session.install("-e", ".")
     session.run("samrepro", "ablate", *(args or _default_ablation(session)))
+
+
+@nox.session(reuse_venv=True)
+def sweep(session: nox.Session) -> None:
+    """`nox -s sweep -- SWEEP.toml [samrepro sweep options]`, or a shipped sweep's name: `-- tiny-cpu`."""
+    if not session.posargs:
+        session.error("usage: nox -s sweep -- SWEEP.toml|NAME [--ray-address ADDRESS] [samrepro sweep options]")
+    session.install("-e", ".[ray]")
+    session.run("samrepro", "sweep", *session.posargs)
 
 
 @nox.session(reuse_venv=True)

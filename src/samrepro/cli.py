@@ -67,6 +67,14 @@ def build_parser() -> Parser:
     ab.add_argument("--profile", action="store_true", help="a torch.profiler trace per step under RESULTS/traces/")
     ab.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
+    sw = sub.add_parser("sweep", help="run a matrix of ablations as Ray tasks, here or on a cluster", parents=[common])
+    sw.add_argument("sweep", help="a sweep file (.toml) or the name of one in ablations/sweeps/ (docs/sweep.md)")
+    sw.add_argument("--results", type=Path, help="results folder (default: the sweep file's, else results/sweeps/NAME)")
+    sw.add_argument("--ray-address", help="a Ray cluster this node is in: auto or HEAD:6379 (default: a new local one)")
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
+    sw.add_argument("--force", action="store_true", help="rerun steps whose results exist")
+    sw.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
     rep = sub.add_parser("report", help="markdown report with charts from a results folder", parents=[common])
     rep.add_argument("results_dir", type=Path)
 
@@ -145,6 +153,28 @@ def ablate(args: argparse.Namespace, argv: list[str]) -> int:
     return outcome.exit_code
 
 
+def sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from samrepro.sweep import find_sweep, load
+    from samrepro.sweep_run import run_sweep
+
+    try:
+        outcome = run_sweep(
+            load(find_sweep(args.sweep)),
+            results_dir=args.results,
+            ray_address=args.ray_address,
+            force=args.force,
+            track=not args.no_track,
+            tracking_uri=args.tracking_uri,
+            command=shlex.join(["samrepro", *argv]),
+        )
+    except Interrupted as e:
+        again = shlex.join(["samrepro", *(a for a in argv if a != "--force")])
+        print(f"samrepro: {e}; to resume, run: {again}", file=sys.stderr)
+        return e.exit_code
+    print(outcome.results_dir)
+    return outcome.exit_code
+
+
 def report(args: argparse.Namespace, argv: list[str]) -> int:
     from samrepro.report import write_report
 
@@ -205,6 +235,7 @@ def _need_dir(path: Path) -> None:
 
 COMMANDS = {
     "ablate": ablate,
+    "sweep": sweep,
     "report": report,
     "log": log,
     "ui": ui,

@@ -93,12 +93,17 @@ def write(result: StepResult, folder: Path) -> Path:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write as JSON, atomically (`write_bytes`)."""
+    return write_bytes(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True).encode())
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
     """Write atomically: a temp file in the same folder, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

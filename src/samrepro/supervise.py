@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import samrepro
@@ -66,6 +66,35 @@ def relay(fd: int, view: console.StepView) -> None:
                 with contextlib.suppress(ValueError):
                     view.event(json.loads(line))
         view.tick()
+
+
+def run_step(cmd: list[str], log_path: Path, view: console.StepView, on_stop: Callable[[], None] | None = None) -> int:
+    """Run a step process to its end: its output to `log_path`, its phase events to `view` (see `relay`); its exit
+    code. Anything raised meanwhile (an interrupt, a cancelled task) stops the process first, then `on_stop` runs."""
+    events, child_end = os.pipe()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child_end,),
+                env=step_env(child_end),
+                preexec_fn=preexec(),
+            )
+        finally:
+            os.close(child_end)  # the child holds its own copy: end of file when it exits
+        with proc:
+            try:
+                relay(events, view)
+                return proc.wait()
+            except BaseException:  # the step goes too, without a result (a finished one stays)
+                stop(proc)
+                if on_stop:
+                    on_stop()
+                raise
+            finally:
+                os.close(events)
 
 
 def tail(log_path: Path) -> str:

@@ -1,11 +1,12 @@
 """MLflow tracking behind a small interface: the StepResult JSONs stay the source of truth, MLflow is the index.
 
 Layout: one experiment per (model, device) named "samrepro/<model>/<device>", one parent run per ablation, one
-nested child run per step. Idempotence: the parent carries `samrepro.folder_key` (hash of the absolute results
-folder) from the start and `samrepro.results_key` (hash of that folder plus every StepResult and the plan info) only
-once everything is logged. Logging a folder again whose key matches a complete run is skipped (its id is returned);
-a folder whose contents changed (a resumed plan) or whose earlier logging broke off replaces its old runs, which are
-soft-deleted together with their children. mlflow is imported inside functions only.
+nested child run per step; a sweep (`samrepro sweep`) adds one run in "samrepro/sweeps" linked to its ablations'.
+Idempotence: the parent carries `samrepro.folder_key` (hash of the absolute results folder) from the start and
+`samrepro.results_key` (hash of that folder plus every StepResult and the plan info) only once everything is
+logged. Logging a folder again whose key matches a complete run is skipped (its id is returned); a folder whose
+contents changed (a resumed plan) or whose earlier logging broke off replaces its old runs, which are soft-deleted
+together with their children. mlflow is imported inside functions only.
 
 What the MLflow UI shows: runs carry the steps' own start and end times (they are logged after the fact), the data
 set as their input, and the metrics users compare (TABLE_METRICS). Each experiment is tagged as model training and
@@ -36,6 +37,8 @@ from samrepro.results import StepResult, baseline, env_fields, flatten, plan_nam
 LAYOUT = 2  # in the results key: runs logged by an older layout of this module are replaced when logged again
 ARTIFACTS_DIR = "mlartifacts"  # beside a sqlite store's database file
 FOLDER_TAG = "samrepro.folder_key"
+SWEEP_EXPERIMENT = "samrepro/sweeps"  # one run per sweep; its ablations' parent runs stay in their own experiments
+SWEEP_TAG = "samrepro.sweep_run"  # on an ablation's parent run: the sweep run it belongs to
 KEY_TAG = "samrepro.results_key"  # set last: a parent run carrying it is complete
 PROBE_HTTP = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 LOG_ENV = {  # the caller prints the parent run's address, not MLflow one line per run
@@ -368,6 +371,52 @@ def log_results_dir(results_dir: Path, tracking_uri: str | None = None) -> str:
     return MlflowTracker(tracking_uri).log_ablation(
         results_dir, step_results, read_plan(results_dir, step_results), report_dir if report_dir.is_dir() else None
     )
+
+
+def log_sweep(sweep_dir: Path, info: dict, ablation_runs: dict[str, str], tracking_uri: str | None = None) -> str:
+    """The sweep's run in SWEEP_EXPERIMENT: its settings as params, its totals as metrics, sweep.json, summary.md and
+    the chart as artifacts, and the ablations' parent runs (folder name -> run id) in a tag; each of those gets
+    SWEEP_TAG pointing back. A sweep logged again replaces its run. Returns the sweep run's id."""
+    sweep_dir = Path(sweep_dir)
+    folder = str(sweep_dir.resolve())
+    rows = json.loads((sweep_dir / "sweep.json").read_text()).get("ablations", [])
+    totals = {
+        "ablations": len(rows),
+        **{f"steps_{s}": sum(r["steps"][s] for r in rows) for s in results.STATUSES},
+        "gate_fails": sum(len(r["gate_fails"]) for r in rows),
+    }
+    tags = {
+        FOLDER_TAG: _sha(folder),
+        "samrepro.results_dir": folder,
+        "command": info.get("command"),
+        "samrepro.ablation_runs": json.dumps(ablation_runs, sort_keys=True),
+    }
+    spec = RunSpec(
+        name=str(info["sweep"]["name"]),
+        params=_strings(flatten(info["sweep"]), MAX_PARAM),
+        tags=_strings(tags, MAX_TAG),
+        metrics=_finite(totals, 0)[0],
+        status="FAILED" if totals["steps_failed"] or totals["gate_fails"] else "FINISHED",
+        start_ms=_ms(str(info.get("started_at") or "")),
+        end_ms=_ms(str(info.get("finished_at") or "")),
+    )
+    import mlflow  # noqa: F401  (importing configures its loggers, so quiet them after)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    tracker = MlflowTracker(tracking_uri)
+    client = tracker._probe()
+    with _env(LOG_ENV):
+        exp_id = tracker._experiment(client, SWEEP_EXPERIMENT)
+        for run in client.search_runs([exp_id], f"tags.`{FOLDER_TAG}` = '{spec.tags[FOLDER_TAG]}'"):
+            client.delete_run(run.info.run_id)
+        run_id = _log_run(client, exp_id, spec)
+        for name in ("sweep.json", "summary.md", "throughput.png", "throughput.svg"):
+            if (sweep_dir / name).is_file():
+                client.log_artifact(run_id, str(sweep_dir / name))
+        for child in ablation_runs.values():
+            client.set_tag(child, SWEEP_TAG, run_id)
+        client.set_terminated(run_id, spec.status, end_time=spec.end_ms)
+    return run_id
 
 
 def _log_run(client: Any, exp_id: str, spec: RunSpec, parent_id: str | None = None) -> str:

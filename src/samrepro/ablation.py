@@ -1,0 +1,110 @@
+"""An ablation before any step runs: inputs checked, the plan resolved into steps, the settings they share (the
+results folder's plan.json) and each step's spec.
+
+`samrepro ablate` (runner.py: one step after another) and `samrepro sweep` (sweep_run.py: steps as Ray tasks) both
+start here, so a folder written by either resumes under the other: what a step measures is decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samrepro import plans
+from samrepro.checkpoints import cache_root
+from samrepro.console import say
+from samrepro.inputs import (
+    UsageError,
+    check_inputs,
+    check_patches,
+    resolve_data,
+    resolve_weights,
+    unavailable,
+    weights_digest,
+)
+from samrepro.plans import Plan, ResolvedStep
+from samrepro.spec import INPUT_KEYS, StepSpec
+
+
+@dataclass(frozen=True)
+class Ablation:
+    folder: Path
+    plan: Plan
+    steps: list[ResolvedStep]
+    setup: dict[str, Any]  # plan.json, less the command that ran it
+
+
+def default_results_dir(model: str, device: str, plan: str, mode: str, batch_size: int) -> Path:
+    return Path("results") / f"{model}-{device}-{plan}-{mode}-bs{batch_size}"
+
+
+def default_plan(device: str) -> str:
+    return "blog" if device.startswith("cuda") else "cpu"
+
+
+def prepare(
+    model: str,
+    device: str,
+    plan: str | Path | Plan | None = None,
+    patches: list[str] | None = None,
+    mode: str = "cumulative",
+    batch_size: int = 8,
+    images: int = 32,
+    prompts: int | None = None,
+    weights: str | None = None,
+    data: str = "synthetic",
+    results_dir: Path | None = None,
+) -> Ablation:
+    """Check and resolve everything `run_ablation` takes (its docstring says what each means); bad input raises
+    UsageError or PlanError before anything is written."""
+    check_inputs(model, device, mode, batch_size, images, prompts)
+    if batch_size > images:  # padding a few images up to a large batch would time images that do not exist
+        say(f"batch size {batch_size} > {images} images: running batches of {images}")
+        batch_size = images
+    if patches is not None:
+        if plan is not None:
+            raise UsageError("give a plan or a list of patches, not both")
+        check_patches(patches, device)
+        plan = plans.adhoc(patches)
+    weights = resolve_weights(model, weights)
+    data = resolve_data(data)
+    if not isinstance(plan, Plan):
+        plan = plans.load(plans.find_plan(str(plan or default_plan(device))))
+    steps = plans.resolve(plan, mode, lambda names: unavailable(names, device))
+    folder = Path(results_dir or default_results_dir(model, device, plan.name, mode, batch_size))
+    setup = {
+        "plan": plan.to_dict(),
+        "plan_hash": plan.hash(),
+        "mode": mode,
+        "model": model,
+        "device": device,
+        "batch_size": batch_size,
+        "images": images,
+        "prompts": prompts,
+        "weights": weights,
+        "weights_sha256": weights_digest(weights),  # resume reruns steps whose weights file changed
+        "data": data,
+    }
+    setup["bounds_off"] = plan.bounds_apply(setup)  # None: the plan's step bounds were calibrated on this workload
+    return Ablation(folder, plan, steps, setup)
+
+
+def step_spec(folder: Path, step: ResolvedStep, setup: dict[str, Any], profile: bool) -> StepSpec:
+    """What one step process is asked to run; its `key()` decides whether an existing result is kept."""
+    return StepSpec(
+        **{k: setup[k] for k in INPUT_KEYS},
+        plan=setup["plan"]["name"],
+        plan_hash=setup["plan_hash"],
+        mode=setup["mode"],
+        index=step.index,
+        step=step.name,
+        patches=list(step.patches),
+        configs=step.configs,
+        revisions=StepSpec.revisions_of(step.patches),
+        **plans.tolerance_spec(step, setup["bounds_off"]),
+        note=step.note,
+        results_dir=str(folder.resolve()),
+        cache_dir=str(cache_root()),
+        profile=profile,
+    )
