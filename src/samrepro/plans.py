@@ -133,21 +133,33 @@ def shipped_plans_dir() -> Path:
 
 
 def available_plans() -> list[str]:
-    dirs = [Path.cwd() / "ablations", shipped_plans_dir()]
-    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    return _names_in([Path.cwd() / "ablations", shipped_plans_dir()])
 
 
 def find_plan(name_or_path: str) -> Path:
     """A plan file from a path, or a name looked up in ./ablations then the checkout's ablations/."""
+    try:
+        return find_toml(name_or_path, [Path.cwd() / "ablations", shipped_plans_dir()], "plan")
+    except LookupError as e:
+        raise PlanError(str(e)) from None
+
+
+def find_toml(name_or_path: str, folders: list[Path], kind: str) -> Path:
+    """`name_or_path` if it is a file (or names one), else FOLDER/NAME.toml from the first folder that has it;
+    LookupError naming the valid names otherwise."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
+            raise LookupError(f"{kind} file not found: {path}")
         return path
-    for folder in (Path.cwd() / "ablations", shipped_plans_dir()):
+    for folder in folders:
         if (folder / f"{name_or_path}.toml").is_file():
             return folder / f"{name_or_path}.toml"
-    raise PlanError(f"unknown plan {name_or_path!r}; valid: {', '.join(available_plans()) or '(none found)'}")
+    raise LookupError(f"unknown {kind} {name_or_path!r}; valid: {', '.join(_names_in(folders)) or '(none found)'}")
+
+
+def _names_in(folders: list[Path]) -> list[str]:
+    return sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.toml")})
 
 
 def load(path: Path) -> Plan:

@@ -156,10 +156,11 @@ def gate(
     state = torch.load(baseline_path, weights_only=True)
     if state["inputs"] != spec.inputs():
         raise RuntimeError(f"{baseline_path} was measured with other settings: {state['inputs']}")
-    measured = deviation(Outputs.from_state(state), Outputs.of_bench(out))
+    mine = Outputs.of_bench(out)
+    measured = deviation(Outputs.from_state(state), mine)
     plainly = None
     if same_change:
-        unchanged, measured = measured, deviation(same_change.outputs, Outputs.of_bench(out))
+        unchanged, measured = measured, deviation(same_change.outputs, mine)
         plainly = same_change.patch
         result.tolerance_source = (
             f"random weights: against fp32 with {plainly}'s weight change made plainly "

@@ -27,7 +27,7 @@ from typing import Any
 
 from samrepro.inputs import UsageError
 from samrepro.models import MODELS
-from samrepro.plans import MODES, PlanError, find_plan, shipped_plans_dir
+from samrepro.plans import MODES, PlanError, find_plan, find_toml, shipped_plans_dir
 
 DEVICES = ("cpu", "cuda")  # no cuda:N: Ray picks the GPU
 KEYS = {  # key -> its TOML type, as an error message names it
@@ -108,17 +108,10 @@ def shipped_sweeps_dir() -> Path:
 
 def find_sweep(name_or_path: str) -> Path:
     """A sweep file from a path, or a name looked up in ./ablations/sweeps then the shipped sweeps."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.is_file():
-        if not path.is_file():
-            raise SweepError(f"sweep file not found: {path}")
-        return path
-    folders = (Path.cwd() / "ablations" / SWEEPS, shipped_sweeps_dir())
-    for folder in folders:
-        if (folder / f"{name_or_path}.toml").is_file():
-            return folder / f"{name_or_path}.toml"
-    known = sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.toml")})
-    raise SweepError(f"unknown sweep {name_or_path!r}; valid: {', '.join(known) or '(none found)'}")
+    try:
+        return find_toml(name_or_path, [Path.cwd() / "ablations" / SWEEPS, shipped_sweeps_dir()], "sweep")
+    except LookupError as e:
+        raise SweepError(str(e)) from None
 
 
 def load(path: Path) -> Sweep:
