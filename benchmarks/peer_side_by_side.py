@@ -11,6 +11,7 @@ Runs on any machine with a CUDA GPU and samrepro installed (`pip install -e .`),
         --model vit_b --images 128 --compile-mode reduce-overhead \
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     # the same with --model vit_h --images 48
+    # interactive latency (samrepro.latency): batch 1, the encoder per image, then each prompt alone: --latency
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
@@ -61,6 +62,7 @@ from segment_anything import SamPredictor
 from samrepro import apply_patches, env, get_patch, load_model
 from samrepro.bench import WARMUP_RUNS, Masks, forward, peak_memory, prepare, reset_peak_memory
 from samrepro.data import SIDE, noise_samples
+from samrepro.latency import measure_latency, official_driver
 from samrepro.metrics import best_mask, mask_iou
 from samrepro.models import fp32_reference_mode
 from samrepro.patch import PatchUnavailable
@@ -169,7 +171,7 @@ def saf_contender(args, device: torch.device, info: dict):
         batch = prepare(sam, official, chunk, args.batch_size, device)
         batch.x = batch.x.to(SAF_DTYPE)
         coords = [p["point_coords"].to(SAF_DTYPE) for p in batch.prompts]  # N, 1, 2 each
-        if args.saf_decoder == "loop":
+        if args.saf_decoder == "loop" or args.latency:
             return batch, coords, [p["point_labels"].int() for p in batch.prompts]  # N, 1 each
         nested = torch.nested.nested_tensor([c[:, 0] for c in coords], layout=torch.jagged)  # n, j, 2
         ones = torch.ones_like(nested, dtype=torch.int).prod(dim=-1, keepdim=True)  # n, j, 1: SAF's, same raggedness
@@ -192,7 +194,17 @@ def saf_contender(args, device: torch.device, info: dict):
             out.append(best_mask(masks, iou))
         return out
 
-    return make_batch, run_batch
+    def encode(inputs):
+        return sam.image_encoder(inputs[0].x)  # 1, C, h, w
+
+    def click(inputs, features, k):  # SAF's predictor on one prompt: (1, 1, 2) bf16 coords
+        batch, coords, labels = inputs
+        predictor.input_size, predictor.original_size = batch.input_sizes[0], batch.original_sizes[0]
+        predictor.features, predictor.is_image_set = features, True
+        masks, iou, _ = predictor.predict_torch(coords[0][k : k + 1], labels[0][k : k + 1], multimask_output=True)
+        return best_mask(masks, iou)  # 1, H, W
+
+    return (make_batch, encode, click) if args.latency else (make_batch, run_batch)
 
 
 def build(name: str, args, device: torch.device, record: dict):
@@ -207,6 +219,8 @@ def build(name: str, args, device: torch.device, record: dict):
         record["configs"] = {n: get_patch(n).config_cls.from_dict(given.get(n, {})).to_dict() for n in patches}
         apply_patches(sam, patches, given)
     predictor = SamPredictor(sam)  # the runner's workload (samrepro.bench): predict_torch per image
+    if args.latency:
+        return official_driver(sam, predictor, device)
     return (
         lambda chunk: prepare(sam, predictor, chunk, args.batch_size, device),
         lambda batch: [p.best for p in forward(sam, predictor, batch)[1]],  # N, H, W bool per real image
@@ -228,7 +242,11 @@ def run_contender(name: str, samples: list[Sample], args, device: torch.device) 
         record["resident_before_mib"] = torch.cuda.memory_allocated(device) / MIB  # left by earlier contenders
     try:
         with contender_cwd(name, args) as cwd, contextlib.chdir(cwd):
-            stats, masks = measure(*build(name, args, device, record), samples, args, device)
+            contender = build(name, args, device, record)
+            if args.latency:
+                stats, masks = measure_latency(*contender, samples, args.warmup, device)
+            else:
+                stats, masks = measure(*contender, samples, args, device)
         return record | stats, masks
     except PatchUnavailable as e:  # cannot run here: the message is the reason
         return record | {"status": "skipped", "reason": str(e)}, None
@@ -260,6 +278,20 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def latency_table(records: list[dict]) -> str:
+    def num(value, fmt=".2f"):
+        return "–" if value is None else format(value, fmt)
+
+    keys = ("encoder_p50_ms", "encoder_p90_ms", "click_p50_ms", "click_p90_ms", "first_mask_p50_ms")
+    head = "| contender | encoder p50 ms | p90 | click p50 ms | p90 | encoder + click p50 | agreement mIoU | status |"
+    lines = [head, "|---" * 8 + "|"]
+    for r in records:
+        status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        cells = [num(r.get(k)) for k in keys] + [num(r.get("miou_agreement"), ".4f")]
+        lines.append(f"| {r['contender']} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("vit_b", "vit_l", "vit_h"), required=True)
@@ -277,8 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     modes = ("max-autotune", "reduce-overhead", "default", "none")
     p.add_argument("--compile-mode", choices=modes, default="max-autotune", help="SAF's and samrepro's encoder")
     p.add_argument("--saf-decoder", choices=("nested", "loop"), default="nested", help="SAF's NT step, or per image")
+    p.add_argument("--latency", action="store_true", help="batch 1: encoder and single-click latency p50/p90")
     p.add_argument("--saf-configs-dir", type=Path, help=f"SAF's cwd, to reuse its {FLASH_4_CONFIGS} (default: temp)")
     args = p.parse_args(argv)
+    if args.latency:
+        args.batch_size = 1
     args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
     args.samrepro_patches = [n for n in args.samrepro_patches.split(",") if n]
     if "samrepro" in args.contenders and "compile" in args.samrepro_patches:
@@ -299,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     fp32_reference_mode()  # the official contender is the TF32-off fp32 reference
     samples = noise_samples(args.images, args.prompts, args.seed)
-    workload = {k: getattr(args, k) for k in ("model", "device", "batch_size", "prompts", "images", "seed", "warmup")}
+    keys = ("model", "device", "batch_size", "prompts", "images", "seed", "warmup", "latency")
+    workload = {k: getattr(args, k) for k in keys}
     workload["inputs"] = f"seeded uint8 noise {SIDE}x{SIDE}, uniform single foreground points; random weights"
     environment = env.capture() | {"saf": checkout_info(args.saf_dir) if args.saf_dir else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             record["miou_agreement"] = agreement(ref, masks)
         records.append(record)  # written after each contender: a run cut short keeps what it measured
         args.out.write_text(json.dumps({"workload": workload, "env": environment, "contenders": records}, indent=2))
-    print(table(records))
+    print(latency_table(records) if args.latency else table(records))
     print(f"written: {args.out}")
 
 

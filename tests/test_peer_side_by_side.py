@@ -108,6 +108,27 @@ def test_contenders_on_tiny(monkeypatch):
     assert "| official |" in text and "| saf | – |" in text
 
 
+
+def test_latency_mode_clicks_one_prompt_at_a_time_on_tiny():
+    """--latency: batch 1, every prompt decoded alone; the clicked masks are those of the batched workload (the
+    fp32 model is deterministic on the CPU), and the stats say which percentile is which."""
+    args = peer.parse_args(["--model", "vit_b", "--out", "x.json", "--device", "cpu", "--contenders", "official"]
+                           + ["--latency", "--warmup", "1", "--batch-size", "4"])  # fmt: skip
+    assert args.batch_size == 1
+    args.model = "tiny"
+    samples = noise_samples(3, 2, seed=0, side=256)
+    record, clicked = peer.run_contender("official", samples, args, CPU)
+    assert record["status"] == "ok" and record["images"] == 3 and record["clicks"] == 6
+    assert 0 < record["encoder_p50_ms"] <= record["encoder_p90_ms"]
+    assert 0 < record["click_p50_ms"] <= record["click_p90_ms"]
+    assert record["first_mask_p50_ms"] == record["encoder_p50_ms"] + record["click_p50_ms"]
+    args.latency = False
+    _, batched = peer.run_contender("official", samples, args, CPU)
+    assert [m.shape for m in clicked] == [(2, 256, 256)] * 3
+    assert peer.agreement(batched, clicked) == 1.0
+    text = peer.latency_table([record | {"miou_agreement": 1.0}])
+    assert text.splitlines()[2].startswith("| official | ") and "1.0000 | ok |" in text
+
 def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
     keep = tmp_path / "saf_configs"
     args = peer.parse_args(["--model", "vit_b", "--out", "x", "--saf-dir", ".", "--saf-configs-dir", str(keep)])
