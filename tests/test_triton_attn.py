@@ -350,6 +350,28 @@ def test_fake_impl_and_input_errors():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_tables_path_hands_the_kernel_row_major_qkv(monkeypatch):
+    """sparse24's Linear leaves q/k/v column-major (token stride 1); the tables kernel faults on such inputs on
+    H100/H200, so the op copies them to row-major before launching. Checked at the launch, without a GPU."""
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    seen = []
+
+    def launch(q, k, v, *args, **kwargs):
+        seen.append((q.stride(), k.stride(), v.stride()))
+        return q + k + v
+
+    monkeypatch.setattr(rpa, "_run", launch)
+    b, heads, n, d = 2, 3, 16, 8  # a 4x4 key grid
+    q, k, v = torch.randn(3, b, heads, d, n).transpose(-1, -2).unbind(0)  # each (B, heads, N, d), token stride 1
+    table = torch.randn(7, d)
+    out = torch.ops.samrepro.rel_pos_attention_tables(q, k, v, table, table, d**-0.5)
+    assert q.stride(-2) == 1
+    assert seen == [((heads * n * d, n * d, d, 1),) * 3]
+    torch.testing.assert_close(out, q + k + v, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     "dtype, kh, kw, d, arch, split, bias, tables",
     [

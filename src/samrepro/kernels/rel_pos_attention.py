@@ -9,6 +9,9 @@ the bias is multiplied by log2(e) too (SAF's kernel left the bias unscaled until
 `samrepro::rel_pos_attention_tables` takes the (2k - 1, d) position tables instead of the terms, for queries on the
 key grid, and computes each program's terms from its own q (one dot per table and a gather).
 
+Each call's launch fits the GPU it runs on: `default_launch` was measured on an H100 (227 KiB of shared memory per
+block); where its launch would not fit (99 KiB on sm86 and sm89), `fit_launch` steps it down by `shared_bytes`.
+
 Registered as custom ops with fake implementations, so torch.compile traces each as one opaque call. Not
 `torch.library.triton_op`: its `wrap_triton` refuses the kernels of Triton's CPU interpreter (TRITON_INTERPRET=1),
 which is how this kernel is tested without a GPU. Forward only, no autograd.
@@ -17,6 +20,7 @@ which is how this kernel is tested without a GPU. Forward only, no autograd.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -256,15 +260,128 @@ def _check_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: to
     return kh, kw
 
 
-def _launch(q: torch.Tensor, n_k: int, given: tuple, split: bool) -> tuple:
-    """The launch parameters given, 0 or "" filled in from `default_launch`; raise ValueError on invalid ones."""
-    d = q.shape[-1]
-    bm, bn, warps, stages, bias = (g or t for g, t in zip(given, default_launch(n_k, d, q.element_size(), split)))
+class Problem(NamedTuple):
+    """What a launch's shared memory depends on besides the launch: the key grid, the head dim and the bytes of a
+    q/k/v element and of a rel-term element (the one-hot bias holds rel tiles in the terms' dtype)."""
+
+    kh: int
+    kw: int
+    head_dim: int
+    itemsize: int
+    rel_itemsize: int
+
+
+class Fit(NamedTuple):
+    """A launch (BLOCK_M, BLOCK_N, num_warps, num_stages, bias), its head-dim split, and how it was chosen: "table"
+    (`default_launch`'s or as given), "stepped_down" (to fit the GPU) or "over_limit" (nothing fit; the smallest)."""
+
+    launch: tuple[int, int, int, int, str]
+    split: bool
+    how: str
+
+
+def device_limits(device: torch.device) -> tuple[int, tuple[int, int]] | None:
+    """(opt-in shared memory per block in bytes, compute capability) of a CUDA device, as Triton checks a launch
+    against; None elsewhere (Triton's CPU interpreter has no shared memory to fit)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.shared_memory_per_block_optin, (props.major, props.minor)
+
+
+def shared_bytes(problem: Problem, launch: tuple, split: bool, capability: tuple[int, int]) -> int:
+    """Estimated shared memory of one program of `_rel_pos_attention_fwd`, in bytes; an upper bound of Triton's own
+    figure (the compiled kernel's `metadata.shared`, which it checks against the device before launching).
+
+    What the kernel holds, for `cols` = BLOCK_D (+ BLOCK_T with a split head dim) head-dim columns:
+      - K (cols, BLOCK_N) and V (BLOCK_N, cols) tiles, one pair per pipelined stage: Triton 3.6 keeps num_stages
+        pairs on sm90 (wgmma) and num_stages - 1 on sm8x (mma + cp.async, one stage in registers); at least one;
+      - the q tile (BLOCK_M, cols), a dot operand for the whole loop;
+      - with the one-hot bias: the rel tiles (BLOCK_M, KHP + KWP) and the one-hot tiles (KHP + KWP, BLOCK_N), in
+        the rel terms' dtype;
+      - scratch: an fp32 (BLOCK_M, BLOCK_N) score tile changing layout, one fp32 per query row for the softmax's
+        row reductions. The table terms' scratch (`_table_terms`, before the loop) is released before the loop
+        and is smaller than what the loop holds.
+    Triton's own figure comes from compiling, which needs no GPU (loading the kernel and reading `n_regs` do):
+    tests/test_launch_fit.py compiles launches for sm80, sm86, sm89 and sm90 and checks this bound against it. In
+    a sweep of 288 launches (Triton 3.6, sm80 and sm90) Triton's figure was 0.4 to 1.0 times this one."""
+    bm, bn, _, stages, bias = launch
+    block_d, block_t = head_blocks(problem.head_dim, split)
+    cols = block_d + (block_t if problem.head_dim > block_d else 0)
+    pairs = stages if capability >= (9, 0) else max(stages - 1, 1)
+    kv = pairs * 2 * bn * cols * problem.itemsize
+    q = bm * cols * problem.itemsize
+    rel_cols = dot_dim(problem.kh) + dot_dim(problem.kw) if bias == "onehot" else 0
+    rel = (bm + bn) * rel_cols * problem.rel_itemsize
+    return kv + q + rel + bm * bn * 4 + bm * 4
+
+
+def _halvings(block: int, given: bool) -> tuple[int, ...]:
+    """block, block / 2, ... down to 16 (the smallest dot); only block itself if it was given."""
+    return (block,) if given else tuple(block >> i for i in range(block.bit_length() - 4))
+
+
+def _step_down(table: tuple, given: tuple):
+    """`table`'s launch, then launches that hold less, in order of preference: fewer stages first (down to 1), then
+    smaller BLOCK_N, then smaller BLOCK_M (each halved down to 16). Given values stay; num_warps, unless given,
+    follows BLOCK_M (the table's warps per query row, at least 1)."""
+    bm0, bn0, warps0, stages0, bias = table
+    for bm in _halvings(bm0, bool(given[0])):
+        for bn in _halvings(bn0, bool(given[1])):
+            for stages in (stages0,) if given[3] else range(stages0, 0, -1):
+                yield bm, bn, given[2] or max(1, warps0 * bm // bm0), stages, bias
+
+
+def _filled(problem: Problem, given: tuple, split: bool) -> tuple:
+    """The launch parameters given, 0 or "" filled in from `default_launch`."""
+    table = default_launch(problem.kh * problem.kw, problem.head_dim, problem.itemsize, split)
+    return tuple(g or t for g, t in zip(given, table))
+
+
+def fit_launch(problem: Problem, given: tuple, split: bool, limit: int, capability: tuple[int, int]) -> Fit:
+    """The first launch whose `shared_bytes` is at most `limit` (opt-in shared memory per block, bytes) on a GPU of
+    `capability`: the table's (`default_launch`, with what was given), else `_step_down`'s order, else the same
+    with the head dim split if padding it did not fit (80: 64 + 16 columns held instead of 128).
+
+    If none fits: ValueError if block_m, block_n or num_stages were given (those the user chose do not fit);
+    otherwise the smallest launch, as "over_limit": the estimate is an upper bound, so it may still fit, and if it
+    does not, Triton refuses it with its own out-of-resource error."""
+    pow2 = problem.head_dim & (problem.head_dim - 1) == 0
+    for s in (split,) if split or pow2 else (False, True):
+        table = _filled(problem, given, s)
+        for launch in _step_down(table, given):
+            if shared_bytes(problem, launch, s, capability) <= limit:
+                return Fit(launch, s, "table" if (launch, s) == (table, split) else "stepped_down")
+    need = shared_bytes(problem, launch, s, capability)
+    if given[0] or given[1] or given[3]:
+        bm, bn, _, stages, _ = launch
+        raise ValueError(
+            f"rel_pos_attention: BLOCK_M {bm}, BLOCK_N {bn}, {stages} stages need ~{need / 1024:.0f} KiB of shared "
+            f"memory, over this GPU's {limit / 1024:.0f} KiB per block (sm{capability[0]}{capability[1]}): give "
+            "smaller values, or 0 to have them fitted"
+        )
+    return Fit(launch, s, "over_limit")
+
+
+def _launch(q: torch.Tensor, kh: int, kw: int, rel_dtype: torch.dtype, given: tuple, split: bool) -> Fit:
+    """The launch parameters given, 0 or "" filled in from `default_launch` and stepped down to fit q's GPU
+    (`fit_launch`); raise ValueError on invalid ones."""
+    problem = Problem(kh, kw, q.shape[-1], q.element_size(), rel_dtype.itemsize)
+    table = _filled(problem, given, split)
+    bm, bn, _, _, bias = table
     if not all(16 <= b <= MAX_BLOCK and b & (b - 1) == 0 for b in (bm, bn)):
         raise ValueError(f"rel_pos_attention: block sizes must be powers of two in [16, {MAX_BLOCK}], got {bm}, {bn}")
     if bias not in BIAS_MODES:
         raise ValueError(f"rel_pos_attention: bias must be one of {BIAS_MODES} or '', got {bias!r}")
-    return bm, bn, warps, stages, bias
+    limits = device_limits(q.device)
+    return Fit(table, split, "table") if limits is None else fit_launch(problem, given, split, *limits)
+
+
+def _count(fit: Fit) -> None:
+    """Count a launch stepped down or over the limit under its own key (`_run` counts every call under PATH)."""
+    if fit.how != "table":
+        key = f"{PATH}.{fit.how}"
+        COUNTERS[key] = COUNTERS.get(key, 0) + 1
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -294,21 +411,26 @@ def rel_pos_attention_op(
         q: (B, heads, N_q, d); k, v: (B, heads, kh * kw, d), keys in row-major grid order.
         rel_h: (B, heads, N_q, kh); rel_w: (B, heads, N_q, kw).
         scale: softmax scale, applied to q @ k^T only (the bias is added unscaled, as in SAM).
-        block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_launch`'s.
-        split_head: a head dim that is not a power of two runs as a power of two plus a tail instead of padded.
+        block_m, block_n, num_warps, num_stages: launch parameters; 0 takes `default_launch`'s, stepped down to
+            fit the GPU's shared memory (`fit_launch`); given ones that cannot fit raise ValueError.
+        split_head: a head dim that is not a power of two runs as a power of two plus a tail instead of padded
+            (also when padded does not fit the GPU).
         bias: "gather" (per-key loads), "onehot" (tensor-core dots with one-hot key rows and columns); "" takes
             `default_launch`'s.
     """
     _check(q, k, v, rel_h, rel_w)
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    launch = _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, bias), split_head)
-    return _run(q, k, v, rel_h, rel_w, scale, kh, kw, launch, split_head, tables=False)
+    rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)
+    fit = _launch(q, kh, kw, rel_dtype, (block_m, block_n, num_warps, num_stages, bias), split_head)
+    _count(fit)
+    return _run(q, k, v, rel_h, rel_w, scale, kh, kw, fit.launch, fit.split, tables=False)
 
 
 @rel_pos_attention_op.register_fake
 def _(q, k, v, rel_h, rel_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False, bias=""):
     _check(q, k, v, rel_h, rel_w)
-    _launch(q, rel_h.shape[-1] * rel_w.shape[-1], (block_m, block_n, num_warps, num_stages, bias), split_head)
+    rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)
+    _launch(q, rel_h.shape[-1], rel_w.shape[-1], rel_dtype, (block_m, block_n, num_warps, num_stages, bias), split_head)
     return _empty_out(q)
 
 
@@ -334,14 +456,18 @@ def rel_pos_attention_tables_op(
         q, k, v: as for `rel_pos_attention`, with N_q = kh * kw; table_h: (2 kh - 1, d); table_w: (2 kw - 1, d).
     """
     kh, kw = _check_tables(q, k, v, table_h, table_w)
-    launch = _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
-    return _run(q, k, v, table_h.to(q.dtype), table_w.to(q.dtype), scale, kh, kw, launch, split_head, tables=True)
+    fit = _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    _count(fit)
+    # Column-major q/k/v (sparse24's transposed GEMM output: token stride 1) make this path fault on H100 and H200
+    # with an illegal memory access; row-major copies do not (reports/2026-12-05-h200-sparse24-layout-fix)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _run(q, k, v, table_h.to(q.dtype), table_w.to(q.dtype), scale, kh, kw, fit.launch, fit.split, tables=True)
 
 
 @rel_pos_attention_tables_op.register_fake
 def _(q, k, v, table_h, table_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False):
     kh, kw = _check_tables(q, k, v, table_h, table_w)
-    _launch(q, kh * kw, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
     return _empty_out(q)
 
 

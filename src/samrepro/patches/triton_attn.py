@@ -26,7 +26,8 @@ from samrepro.registry import register_patch
 
 @dataclass(frozen=True)
 class TritonAttnConfig(PatchConfig):
-    """Kernel launch parameters for every call; 0 takes the kernel's fixed table (`default_launch`)."""
+    """Kernel launch parameters for every call; 0 takes the kernel's table (`default_launch`), stepped down where it
+    does not fit the GPU's shared memory (`fit_launch`). Given block sizes or stages that cannot fit raise."""
 
     block_m: int = 0  # queries per program
     block_n: int = 0  # keys per loop step; any value is correct, whatever the key grid's width
