@@ -1,4 +1,6 @@
-"""nox sessions: tests, gates, ablate, sweep, report, ui; each ablation-side session is one line calling the CLI."""
+"""nox sessions: tests, gates, bench, ablate, sweep, report, ui; each ablation-side session is one line calling the CLI."""
+
+import os
 
 import nox
 
@@ -29,9 +31,43 @@ def gates(session: nox.Session) -> None:
     session.run("pytest", *gate_tests, "--device", device, *session.posargs[1:])
 
 
+# A microbenchmark fails when its median is this much slower than in the stored baseline (docs/benchmarks.md: why).
+BENCH_FAIL = {"cpu": "median:100%", "cuda": "median:15%"}
+
+
+@nox.session(reuse_venv=True)
+def bench(session: nox.Session) -> None:
+    """Microbenchmarks against this machine's stored baseline: `nox -s bench -- [cpu|cuda] [--record] [pytest args]`."""
+    session.install("-e", ".[dev]")
+    args = list(session.posargs)
+    device = args.pop(0) if args and args[0] in DEVICES else "cpu"
+    record = "--record" in args
+    args = [a for a in args if a != "--record"]
+    found = session.run("python", "benchmarks/micro/baseline.py", device, silent=True)
+    if found is None:  # --install-only: nothing runs
+        return
+    baseline = found.strip()
+    timing = [
+        "benchmarks/micro", "-m", "cuda" if device == "cuda" else "not cuda",
+        "--benchmark-min-time=0.01", "--benchmark-disable-gc",  # rounds of >= 10 ms: short calls are batched
+        # CPU time on the CPU: time spent descheduled while other processes run is not the code's (docs/benchmarks.md)
+        "--benchmark-timer=" + ("time.perf_counter" if device == "cuda" else "time.process_time"),
+        "--benchmark-group-by=func", "--benchmark-sort=name", "--benchmark-columns=median,iqr,min,rounds,iterations",
+    ]  # fmt: skip
+    if record:
+        session.run("pytest", *timing, f"--benchmark-json={baseline}", *args)
+        return
+    if not os.path.exists(baseline):
+        session.error(f"no baseline for this machine ({baseline}): record one with `nox -s bench -- {device} --record`")
+    os.makedirs("results/bench", exist_ok=True)
+    latest = os.path.join("results/bench", os.path.basename(baseline))
+    compare = [f"--benchmark-compare={baseline}", f"--benchmark-compare-fail={BENCH_FAIL[device]}"]
+    session.run("pytest", *timing, f"--benchmark-json={latest}", *compare, *args)
+
+
 @nox.session(reuse_venv=True)
 def ablate(session: nox.Session) -> None:
-    """`nox -s ablate -- vit_b cuda [--plan blog ...]`; no arguments: tiny on cuda (blog-ro) if a GPU is here, else cpu."""
+    """`nox -s ablate -- vit_b cuda [--plan blog ...]`; no arguments: tiny on cuda (tiny-cuda) with a GPU, else cpu."""
     args = session.posargs
     if args and (len(args) < 2 or args[0] not in MODELS or args[1].split(":")[0] not in DEVICES):
         session.error(USAGE)
@@ -68,6 +104,6 @@ def _default_ablation(session: nox.Session) -> list[str]:
     probe = "import torch; print(torch.cuda.is_available())"
     out = session.run("python", "-c", probe, silent=True)  # None under --install-only: nothing runs then
     cuda = (out or "").strip().endswith("True")
-    # tiny is launch-bound: CUDA graphs without autotuning (blog-ro) is what helps it, and max-autotune's
-    # minutes of GEMM tuning bought nothing (reports/2026-12-04-h200-named-commands)
-    return ["tiny", "cuda", "--plan", "blog-ro"] if cuda else ["tiny", "cpu", "--plan", "cpu"]
+    # tiny is launch-bound: batched decoding and CUDA graphs help it, the blog's attention kernels and autotuning
+    # cost it time (ablations/tiny-cuda.toml; reports/2026-12-05-h200-tiny-cuda-default)
+    return ["tiny", "cuda", "--plan", "tiny-cuda"] if cuda else ["tiny", "cpu", "--plan", "cpu"]

@@ -108,7 +108,6 @@ def test_contenders_on_tiny(monkeypatch):
     assert "| official |" in text and "| saf | – |" in text
 
 
-
 def test_latency_mode_clicks_one_prompt_at_a_time_on_tiny():
     """--latency: batch 1, every prompt decoded alone; the clicked masks are those of the batched workload (the
     fp32 model is deterministic on the CPU), and the stats say which percentile is which."""
@@ -128,6 +127,7 @@ def test_latency_mode_clicks_one_prompt_at_a_time_on_tiny():
     assert peer.agreement(batched, clicked) == 1.0
     text = peer.latency_table([record | {"miou_agreement": 1.0}])
     assert text.splitlines()[2].startswith("| official | ") and "1.0000 | ok |" in text
+
 
 def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
     keep = tmp_path / "saf_configs"
