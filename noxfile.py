@@ -1,4 +1,4 @@
-"""nox sessions: tests, gates, bench, ablate, sweep, report, ui; each ablation-side session is one line calling the CLI."""
+"""nox sessions: tests, gates, bench, ablate, sweep, report, ui; ablation-side sessions are one line calling the CLI."""
 
 import os
 

@@ -141,8 +141,10 @@ def test_plan_bounds_tighten_and_never_loosen():
         agreement_miou_min=0.93, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35, iou_pred_max_abs=0.05
     )
     tighter = declared.tighten({"agreement_miou_min": 0.98, "iou_pred_max_abs": 0.01})
+    # the AMG bounds keep the declared agreement's: a point-prompt bound says nothing of AMG
     assert tighter == Tolerance(
-        agreement_miou_min=0.98, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35, iou_pred_max_abs=0.01
-    )
+        agreement_miou_min=0.98, gt_miou_drop_max=0.02, embedding_sqnr_min_db=35, iou_pred_max_abs=0.01,
+        amg_matched_miou_min=declared.amg_matched_miou_min, amg_match_share_min=declared.amg_match_share_min,
+    )  # fmt: skip
     looser = {"agreement_miou_min": 0.5, "gt_miou_drop_max": 0.5, "embedding_sqnr_min_db": 1.0, "iou_pred_max_abs": 1.0}
     assert declared.tighten(looser) == declared

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from samrepro.gates import accuracy_violations, undo_violations
+from samrepro import amg
+from samrepro.gates import accuracy_violations, amg_violations, undo_violations
 from samrepro.patch import EXACT, Patch, PatchConfig, PatchError, Tolerance, Undo
+from samrepro.registry import get_patch
 from tests.conftest import make_samples
 
 
@@ -192,9 +194,40 @@ def _fold_grid_transposed(sam, cfg, undo: Undo) -> None:
 )
 def test_later_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):
     """Each new patch's own declared tolerance, on a broken version of that patch."""
-    from samrepro.registry import get_patch
-
     patch = broken(f"broken_{name}", apply_fn, get_patch(name).tolerance)
     violations, measured = accuracy_violations(tiny_ref, [patch], make_samples(**SAMPLES))
     torch._dynamo.reset()
     assert any(v.startswith(measure) for v in violations), f"{name}: {violations} (measured {measured})"
+
+
+def _flipped_past_eighth_prompt(sam, cfg, undo: Undo) -> None:
+    """A decoder whose packed path mirrors the masks of every prompt past the 8th of a call (a stride bug)."""
+    dec = sam.mask_decoder
+
+    def forward(self, *args, **kwargs):
+        masks, iou = type(self).forward(self, *args, **kwargs)  # N, 3, h, w; N, 3
+        return torch.cat([masks[:8], masks[8:].flip(-1)]), iou
+
+    undo.setattr(dec, "forward", MethodType(forward, dec))
+
+
+AMG_GRID = {"points_per_side": 8}  # 64 points per image, one decoder call
+
+
+def test_amg_gate_fails_where_the_point_prompt_gate_cannot_see(tiny_ref):
+    """Held to bf16's declared tolerance (AMG bounds derived: 0.86), the broken decoder passes the point-prompt gate
+    (at most 3 prompts per call, all below the 8th) and fails both AMG bounds (64 points per call)."""
+    patch = broken("flipped", _flipped_past_eighth_prompt, get_patch("bf16").tolerance)
+    samples = make_samples(**SAMPLES)
+    assert accuracy_violations(tiny_ref, [patch], samples)[0] == []
+    violations, measured = amg_violations(tiny_ref, [patch], samples, amg.settings("tiny", AMG_GRID))
+    assert any(v.startswith("amg_matched_miou") for v in violations), measured
+    assert any(v.startswith("amg_match_share") for v in violations), measured
+
+
+@pytest.mark.parametrize("name", ["sync_free", "bf16", "sdpa"])
+def test_amg_gate_passes_correct_patches(tiny_ref, name):
+    violations, measured = amg_violations(
+        tiny_ref, [get_patch(name)], make_samples(**SAMPLES), amg.settings("tiny", AMG_GRID)
+    )
+    assert measured["amg_matched_miou"] is not None and not violations, measured

@@ -20,6 +20,7 @@ from samrepro.inputs import (
     check_patches,
     resolve_data,
     resolve_weights,
+    resolve_workload,
     unavailable,
     weights_digest,
 )
@@ -35,11 +36,17 @@ class Ablation:
     setup: dict[str, Any]  # plan.json, less the command that ran it
 
 
-def default_results_dir(model: str, device: str, plan: str, mode: str, batch_size: int) -> Path:
-    return Path("results") / f"{model}-{device}-{plan}-{mode}-bs{batch_size}"
+def default_results_dir(
+    model: str, device: str, plan: str, mode: str, batch_size: int, workload: dict[str, Any] | None = None
+) -> Path:
+    """results/MODEL-DEVICE-PLAN-MODE-bsB for the points workload; AMG ends in -amg-ppsN (points per side)."""
+    size = f"amg-pps{workload['points_per_side']}" if workload and workload["name"] == "amg" else f"bs{batch_size}"
+    return Path("results") / f"{model}-{device}-{plan}-{mode}-{size}"
 
 
-def default_plan(device: str) -> str:
+def default_plan(device: str, workload: str = "points") -> str:
+    if workload == "amg":
+        return "amg"
     return "blog" if device.startswith("cuda") else "cpu"
 
 
@@ -49,30 +56,33 @@ def prepare(
     plan: str | Path | Plan | None = None,
     patches: list[str] | None = None,
     mode: str = "cumulative",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     images: int = 32,
     prompts: int | None = None,
     weights: str | None = None,
     data: str = "synthetic",
     results_dir: Path | None = None,
+    workload: str = "points",
+    workload_options: dict[str, int] | None = None,
 ) -> Ablation:
     """Check and resolve everything `run_ablation` takes (its docstring says what each means); bad input raises
     UsageError or PlanError before anything is written."""
     check_inputs(model, device, mode, batch_size, images, prompts)
+    work, batch_size = resolve_workload(workload, model, workload_options or {}, batch_size, prompts)
     if batch_size > images:  # padding a few images up to a large batch would time images that do not exist
         say(f"batch size {batch_size} > {images} images: running batches of {images}")
         batch_size = images
     if patches is not None:
         if plan is not None:
             raise UsageError("give a plan or a list of patches, not both")
-        check_patches(patches, device)
+        check_patches(patches, device, workload)
         plan = plans.adhoc(patches)
     weights = resolve_weights(model, weights)
     data = resolve_data(data)
     if not isinstance(plan, Plan):
-        plan = plans.load(plans.find_plan(str(plan or default_plan(device))))
-    steps = plans.resolve(plan, mode, lambda names: unavailable(names, device))
-    folder = Path(results_dir or default_results_dir(model, device, plan.name, mode, batch_size))
+        plan = plans.load(plans.find_plan(str(plan or default_plan(device, workload))))
+    steps = plans.resolve(plan, mode, lambda names: unavailable(names, device, workload))
+    folder = Path(results_dir or default_results_dir(model, device, plan.name, mode, batch_size, work))
     setup = {
         "plan": plan.to_dict(),
         "plan_hash": plan.hash(),
@@ -85,6 +95,7 @@ def prepare(
         "weights": weights,
         "weights_sha256": weights_digest(weights),  # resume reruns steps whose weights file changed
         "data": data,
+        "workload": work,
     }
     setup["bounds_off"] = plan.bounds_apply(setup)  # None: the plan's step bounds were calibrated on this workload
     return Ablation(folder, plan, steps, setup)

@@ -146,11 +146,11 @@ def run(
     memory_source = reset_peak_memory(device)
 
     first = prepare(sam, predictor, chunks[0], batch_size, device)
-    _sync(device)
+    sync(device)
     start = clock()
     for _ in range(warmup):
         forward(sam, predictor, first)
-    _sync(device)
+    sync(device)
     compile_s = clock() - start
     if progress:
         progress(0, len(samples))
@@ -160,10 +160,10 @@ def run(
     embeddings = None
     for k, chunk in enumerate(chunks):
         batch = first if k == 0 else prepare(sam, predictor, chunk, batch_size, device)
-        _sync(device)
+        sync(device)
         start = clock()
         features, preds, ious = forward(sam, predictor, batch, split)
-        _sync(device)
+        sync(device)
         seconds = clock() - start
         timed_s += seconds
         encoder_s += split.seconds()
@@ -198,23 +198,30 @@ def run(
     )
 
 
-@torch.no_grad()
 def profile(
     sam: Sam, samples: list[Sample], batch_size: int, trace: Path, table: Path, memory_snapshot: Path | None
 ) -> None:
-    """One more run of the first batch under torch.profiler, after the timed run: a Chrome/Perfetto trace (gzipped
-    if `trace` ends in .gz) and `table`, the ops sorted by device time (CPU time on the CPU)."""
+    """One more run of the first batch under torch.profiler, after the timed run (see `profile_call`)."""
     device = next(sam.parameters()).device
     predictor = SamPredictor(sam)
     batch = prepare(sam, predictor, samples[:batch_size], batch_size, device)
+    profile_call(lambda: forward(sam, predictor, batch), device, trace, table, memory_snapshot)
+
+
+@torch.no_grad()
+def profile_call(
+    call: Callable[[], object], device: torch.device, trace: Path, table: Path, memory_snapshot: Path | None
+) -> None:
+    """`call` once under torch.profiler: a Chrome/Perfetto trace (gzipped if `trace` ends in .gz) and `table`, the
+    ops sorted by device time (CPU time on the CPU); on a GPU also a memory snapshot where one is asked for."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     if memory_snapshot is not None:
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     with torch.profiler.profile(activities=activities, record_shapes=True, acc_events=True) as prof:  # one cycle
-        forward(sam, predictor, batch)
-        _sync(device)
+        call()
+        sync(device)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -249,6 +256,6 @@ def peak_memory(device: torch.device, source: str) -> tuple[float, float | None]
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None  # KiB on Linux
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -14,6 +14,9 @@ from samrepro.models import MODELS
 from samrepro.plans import MODES, PlanError
 from samrepro.supervise import Interrupted
 
+WORKLOADS = ("points", "amg")  # as samrepro.workloads.NAMES (a test checks), without importing the workloads here
+AMG_OPTIONS = ("points_per_side", "points_per_batch", "crop_n_layers")
+
 
 class Parser(argparse.ArgumentParser):
     """Bad input: one line on stderr, exit 2."""
@@ -29,6 +32,16 @@ def positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -50,9 +63,19 @@ def build_parser() -> Parser:
     which.add_argument("--plan", help="plan name in ablations/ or a .toml path (default: blog on cuda, cpu on cpu)")
     which.add_argument("--patches", type=names, help="a,b: fp32, then +a, then +a+b; each must be able to run here")
     ab.add_argument("--mode", choices=MODES, default="cumulative")
-    ab.add_argument("--batch-size", type=positive, default=8)
+    ab.add_argument("--batch-size", type=positive, help="images per encoder batch (default 8; points workload)")
     ab.add_argument("--images", type=positive, default=32)
     ab.add_argument("--prompts", type=positive, help="at most this many prompts per image (default: all)")
+    ab.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default=WORKLOADS[0],
+        help="points: each image's point prompts (default); amg: the automatic mask generator on every image",
+    )
+    amg = ab.add_argument_group("--workload amg (the official generator's defaults unless given)")
+    amg.add_argument("--points-per-side", type=positive, help="grid points per image side (default 32)")
+    amg.add_argument("--points-per-batch", type=positive, help="grid points per decoder call (default 64)")
+    amg.add_argument("--crop-n-layers", type=nonnegative, help="layers of image crops decoded again (default 0)")
     ab.add_argument(
         "--weights", help="'official', 'random' or a checkpoint path (default: shipped for tiny, official for vit_*)"
     )
@@ -61,7 +84,9 @@ def build_parser() -> Parser:
         default="synthetic",
         help="synthetic, coco (after `samrepro data fetch coco`), coco:DIR or noise[:P] (1024px noise, P points each)",
     )
-    ab.add_argument("--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB)")
+    ab.add_argument(
+        "--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB, or -amg-ppsN)"
+    )
     ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
     ab.add_argument("--force", action="store_true", help="rerun steps whose results exist")
     ab.add_argument("--profile", action="store_true", help="a torch.profiler trace per step under RESULTS/traces/")
@@ -144,6 +169,8 @@ def ablate(args: argparse.Namespace, argv: list[str]) -> int:
             profile=args.profile,
             track=not args.no_track,
             command=shlex.join(["samrepro", *argv]),
+            workload=args.workload,
+            workload_options={k: v for k in AMG_OPTIONS if (v := getattr(args, k)) is not None},
         )
     except Interrupted as e:
         again = shlex.join(["samrepro", *(a for a in argv if a != "--force")])  # --force would redo finished steps

@@ -120,15 +120,20 @@ def result_line(r: StepResult, fp32_img_s: float | None) -> str:
         parts.append(f"peak {r.peak_mem_mib:,.0f} MiB")
     if r.compile_s is not None:
         parts.append(f"warm-up {r.compile_s:.0f}s")
+    if r.amg_masks_per_image is not None:
+        parts.append(f"{r.amg_masks_per_image:.1f} masks/image")
     if r.miou_agreement is not None:
         parts.append(f"agreement {r.miou_agreement:.4f}")
+    if r.amg_matched_miou is not None:
+        parts.append(f"matched mIoU {r.amg_matched_miou:.4f}, {r.amg_match_share:.0%} matched")
     gate = r.gate.upper() if r.gate != "skipped" else "reference" if r.index == 0 else "skipped"
     parts.append(f"gate {gate}" + (f": {'; '.join(r.gate_violations)}" if r.gate_violations else ""))
     return f"{head} " + ", ".join(parts)
 
 
 def summary(rows: list[StepResult], wall_s: dict[str, float]) -> None:
-    """The table printed at the end of an ablation; `wall_s` is each step process's wall time (steps run now)."""
+    """The table printed at the end of an ablation; `wall_s` is each step process's wall time (steps run now).
+    For the AMG workload, agreement is the matched mIoU against the fp32 step's masks."""
     base = next((r.img_s for r in rows if r.index == 0 and r.status == "ok"), None)
     table = Table(title="summary", title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("step", "status", "img/s", "vs fp32", "peak MiB", "warm-up s", "wall s", "agreement", "gate"):
@@ -142,7 +147,7 @@ def summary(rows: list[StepResult], wall_s: dict[str, float]) -> None:
             _num(r.peak_mem_mib, ",.0f"),
             _num(r.compile_s, ".0f"),
             _num(wall_s.get(r.step), ".0f") if r.step in wall_s else "kept",
-            _num(r.miou_agreement, ".4f"),
+            _num(r.amg_matched_miou if r.is_amg else r.miou_agreement, ".4f"),
             r.gate if r.status == "ok" else r.reason or r.status,
         )
     if not CONSOLE.is_terminal:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
 
-from samrepro import snapshot, workload
+from samrepro import amg, snapshot, workload
+from samrepro.amg_compare import AmgOutputs
+from samrepro.amg_compare import deviation as amg_deviation
 from samrepro.equivalence import compare
 from samrepro.metrics import check_tolerance
 from samrepro.patch import Patch, Tolerance
@@ -63,6 +66,22 @@ def accuracy_violations(
         for h in reversed(handles):
             h.undo()
     return check(measured, patches, measures=measures)[1], measured
+
+
+def amg_violations(
+    ref: Sam, patches: list[Patch], samples: list[Sample], settings: dict[str, Any]
+) -> tuple[list[str], dict]:
+    """The AMG gate: the generator (keyword arguments `settings`) on `ref`, the fp32 model, and on a copy of it
+    with `patches` applied; violations of their composed AMG tolerance, and what was measured."""
+    patched = copy.deepcopy(ref)
+    handles = [p.apply(patched) for p in patches]
+    try:
+        runs = [AmgOutputs.of_run(amg.run(sam, samples, settings, warmup=0)) for sam in (ref, patched)]
+    finally:
+        for h in reversed(handles):
+            h.undo()
+    measured = amg_deviation(*runs)
+    return check(measured, patches)[1], measured
 
 
 def undo_violations(sam: Sam, patches: list[Patch], samples: list[Sample]) -> list[str]:

@@ -4,6 +4,7 @@ one line that says what is valid."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ from samrepro.plans import ResolvedStep
 from samrepro.registry import get_patch, list_patches
 
 DEVICES = ("cpu", "cuda")
+DEFAULT_BATCH_SIZE = 8  # the points workload's
 
 
 class UsageError(ValueError):
@@ -35,7 +37,27 @@ def check_inputs(model: str, device: str, mode: str, batch_size: int, images: in
             raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
-def check_patches(names: list[str], device: str) -> None:
+def resolve_workload(
+    name: str, model: str, options: dict[str, int], batch_size: int | None, prompts: int | None
+) -> tuple[dict[str, Any], int]:
+    """The workload a run times, with every setting (workloads.resolve), and the batch size it runs with. AMG
+    encodes one image (or crop) at a time from the generator's own grid, so batch size and prompts are refused."""
+    from samrepro import workloads
+
+    if name == workloads.AMG and (batch_size is not None or prompts is not None):
+        what = "--batch-size" if batch_size is not None else "--prompts"
+        raise UsageError(
+            f"{what} applies to the points workload; --workload amg encodes one image at a time and prompts a grid "
+            "(--points-per-side, --points-per-batch)"
+        )
+    try:
+        workload = workloads.resolve(name, model, options)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return workload, 1 if name == workloads.AMG else batch_size or DEFAULT_BATCH_SIZE
+
+
+def check_patches(names: list[str], device: str, workload: str = "points") -> None:
     """Patches asked for by name must exist and run here: an error with the reason (a plan's steps are skipped)."""
     valid = list_patches()
     if not names:
@@ -47,6 +69,8 @@ def check_patches(names: list[str], device: str) -> None:
             raise UsageError(f"patch {name!r} is listed twice")
         if reason := get_patch(name).unavailable_reason(device):
             raise UsageError(f"patch {name} cannot run on {device}: {reason}")
+        if reason := get_patch(name).workload_reason(workload):
+            raise UsageError(f"patch {name} cannot run with --workload {workload}: {reason}")
 
 
 def resolve_weights(model: str, weights: str | None) -> str | None:
@@ -127,13 +151,15 @@ def resolve_data(data: str) -> str:
     raise UsageError(f"unknown data {data!r}; valid: synthetic, coco (fetched), coco:DIR, noise[:P]")
 
 
-def unavailable(names: list[str], device: str) -> str | None:
-    """Why these patches cannot run on `device` (not registered, or the machine lacks what they need)."""
+def unavailable(names: list[str], device: str, workload: str = "points") -> str | None:
+    """Why these patches cannot run on `device` (not registered, or the machine lacks what they need), or cannot
+    serve `workload`."""
     registered = list_patches()
     missing = [n for n in names if n not in registered]
     if missing:
         return f"patch(es) {', '.join(missing)} not registered (registered: {', '.join(registered)})"
     reasons = [f"{n}: {r}" for n in names if (r := get_patch(n).unavailable_reason(device))]
+    reasons += [f"{n} (workload {workload}): {r}" for n in names if (r := get_patch(n).workload_reason(workload))]
     return "; ".join(reasons) or None
 
 

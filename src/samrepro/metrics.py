@@ -40,13 +40,16 @@ def max_abs(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def check_tolerance(measured: dict[str, float | None], tol: Tolerance) -> list[str]:
-    """Violations of `tol` by measured values (keys: miou_agreement, miou_gt_drop,
-    embedding_sqnr_db, iou_pred_max_abs); a missing or None value is not checked."""
+    """Violations of `tol` by measured values (keys: miou_agreement, miou_gt_drop, embedding_sqnr_db,
+    iou_pred_max_abs, and the AMG workload's amg_matched_miou, amg_match_share); a missing or None value is not
+    checked."""
     bounds = {
         "miou_agreement": (tol.agreement_miou_min, ">="),
         "miou_gt_drop": (tol.gt_miou_drop_max, "<="),
         "embedding_sqnr_db": (tol.embedding_sqnr_min_db, ">="),
         "iou_pred_max_abs": (tol.iou_pred_max_abs, "<="),
+        "amg_matched_miou": (tol.amg_matched_miou_min, ">="),
+        "amg_match_share": (tol.amg_match_share_min, ">="),
     }
     out = []
     for key, (bound, op) in bounds.items():

@@ -22,6 +22,18 @@ class PatchUnavailable(PatchError):
     """A patch cannot run on this machine; the message is the reason."""
 
 
+AMG_BOUNDS = ("amg_matched_miou_min", "amg_match_share_min")
+# An automatic mask can change in two ways where a prompted one changes in one: its shape moves (what point-prompt
+# agreement bounds) or it crosses one of the generator's filters (predicted IoU, stability, NMS) and is lost. Where
+# a patch declares no AMG bound, each is allowed twice the point-prompt agreement loss (docs/gates.md).
+AMG_LOSS_FACTOR = 2.0
+
+
+def amg_bound(agreement_miou_min: float) -> float:
+    """The AMG bounds a patch gets when it declares none: twice its point-prompt agreement loss."""
+    return max(0.0, 1.0 - AMG_LOSS_FACTOR * (1.0 - agreement_miou_min))
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """Accuracy bounds against the fp32 model with the same weights on the same inputs."""
@@ -30,12 +42,21 @@ class Tolerance:
     gt_miou_drop_max: float = 0.0  # absolute mIoU drop against ground truth
     embedding_sqnr_min_db: float = math.inf  # inf: embeddings must be bit-exact
     iou_pred_max_abs: float = 0.0  # largest |difference| of predicted IoU scores
+    # Automatic mask generation (docs/gates.md): the mean IoU of each fp32 mask with its best match among the
+    # patched run's masks, and the share of fp32 masks matched at IoU >= 0.5. None: derived from agreement_miou_min.
+    amg_matched_miou_min: float | None = None
+    amg_match_share_min: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.agreement_miou_min <= 1.0:
             raise ValueError(f"agreement_miou_min must be in [0, 1], got {self.agreement_miou_min}")
         if self.gt_miou_drop_max < 0 or self.iou_pred_max_abs < 0:
             raise ValueError("gt_miou_drop_max and iou_pred_max_abs must be >= 0")
+        for name in AMG_BOUNDS:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, amg_bound(self.agreement_miou_min))
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def compose(self, other: Tolerance) -> Tolerance:
         """Tolerance of two patches stacked: their errors add (noise powers for SQNR)."""
@@ -45,11 +66,13 @@ class Tolerance:
             gt_miou_drop_max=self.gt_miou_drop_max + other.gt_miou_drop_max,
             embedding_sqnr_min_db=math.inf if noise == 0 else -10 * math.log10(noise),
             iou_pred_max_abs=self.iou_pred_max_abs + other.iou_pred_max_abs,
+            **{k: max(0.0, getattr(self, k) + getattr(other, k) - 1.0) for k in AMG_BOUNDS},
         )
 
     def tighten(self, bounds: dict[str, float]) -> Tolerance:
         """This tolerance with `bounds` wherever they demand more; a bound that would loosen it is ignored."""
         stricter = {"agreement_miou_min": max, "embedding_sqnr_min_db": max, "gt_miou_drop_max": min}
+        stricter |= dict.fromkeys(AMG_BOUNDS, max)
         return Tolerance(**{
             k: stricter.get(k, min)(v, bounds[k]) if k in bounds else v for k, v in dataclasses.asdict(self).items()
         })  # fmt: skip
@@ -220,9 +243,15 @@ class Patch:
     # Raised whenever what the patch computes or what its config means changes: every StepResult records the
     # revisions it ran, and a rerun never keeps a result measured with another revision.
     revision: int = 1
+    # Workloads (`samrepro ablate --workload`) the patch cannot serve, each with why: (workload, reason) pairs.
+    unfit_workloads: tuple[tuple[str, str], ...] = ()
 
     def unavailable_reason(self, device: str | torch.device) -> str | None:
         return self.requires.unmet(device)
+
+    def workload_reason(self, workload: str) -> str | None:
+        """Why the patch cannot serve `workload`, or None when it can."""
+        return dict(self.unfit_workloads).get(workload)
 
     def can_run(self, device: str | torch.device) -> bool:
         return self.unavailable_reason(device) is None

@@ -8,7 +8,7 @@ import math
 from samrepro.patch import Patch, Requires, Tolerance
 from samrepro.registry import get_patch, list_patches
 
-MARKDOWN_HEADER = ("patch", "what", "agreement ≥ / SQNR ≥", "devices", "weights")
+MARKDOWN_HEADER = ("patch", "what", "agreement ≥ / SQNR ≥", "devices", "weights", "AMG")
 
 
 def text(device: str) -> str:
@@ -25,11 +25,12 @@ def text(device: str) -> str:
 
 
 def markdown() -> str:
-    """README's table: name, summary, agreement and SQNR bounds, devices (with any minimum GPU), weights kept or not."""
+    """README's table: name, summary, agreement and SQNR bounds, devices (with any minimum GPU), weights kept or not,
+    and whether the patch serves `--workload amg` (the reasons of those that do not: `samrepro patches`)."""
     lines = ["| " + " | ".join(MARKDOWN_HEADER) + " |", "|" + "---|" * len(MARKDOWN_HEADER)]
     for p in _patches():
         cells = (f"`{p.name}`", p.summary.replace("|", "\\|"), _agreement_sqnr(p.tolerance), _devices(p.requires),
-                 "changed" if p.changes_weights else "kept")  # fmt: skip
+                 "changed" if p.changes_weights else "kept", "no" if p.workload_reason("amg") else "yes")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -42,7 +43,8 @@ def _all_bounds(tol: Tolerance) -> str:
     sqnr = "exact" if math.isinf(tol.embedding_sqnr_min_db) else f">={tol.embedding_sqnr_min_db:g}dB"
     return (
         f"agree>={tol.agreement_miou_min:g} gt-drop<={tol.gt_miou_drop_max:g} "
-        f"sqnr {sqnr} iou-pred<={tol.iou_pred_max_abs:g}"
+        f"sqnr {sqnr} iou-pred<={tol.iou_pred_max_abs:g} "
+        f"amg-matched>={tol.amg_matched_miou_min:.4g} amg-share>={tol.amg_match_share_min:.4g}"
     )
 
 

@@ -18,7 +18,7 @@ A plan file:
     agreement_miou_min = 0.99
 
     [calibrated]             # where the plan bounds were measured; elsewhere they are reported, not gated
-    models = ["vit_b"]       # each key optional: models, data, batch_size, weights
+    models = ["vit_b"]       # each key optional: models, data, batch_size, weights, workload
     data = "noise:8"
     batch_size = 16
     weights = "random"
@@ -41,7 +41,7 @@ from samrepro.patch import Tolerance
 
 MODES = ("cumulative", "isolated")
 PLAN_KEYS = {"name", "description", "steps", "calibrated"}
-CALIBRATED_KEYS = {"models", "data", "batch_size", "weights", "evidence"}
+CALIBRATED_KEYS = {"models", "data", "batch_size", "weights", "workload", "evidence"}
 STEP_KEYS = {"name", "description", "add", "remove", "base", "config", "tolerance"}
 TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # step names become file names
@@ -74,11 +74,16 @@ class Plan:
     calibrated: dict[str, Any] = field(default_factory=dict)  # the workload its step bounds were measured on
 
     def bounds_apply(self, run: dict[str, Any]) -> str | None:
-        """None when the plan's step bounds were calibrated on this run's workload, else why not."""
-        for key, want in self.calibrated.items():
+        """None when the plan's step bounds were calibrated on this run's workload, else why not. Calibrated bounds
+        hold for the points workload unless `workload` names another."""
+        calibrated = {"workload": "points"} | self.calibrated if self.calibrated else {}
+        for key, want in calibrated.items():
             if key == "evidence":
                 continue
-            have = run["model"] if key == "models" else run[key]
+            if key == "workload":
+                have = run.get("workload", {"name": "points"})["name"]
+            else:
+                have = run["model"] if key == "models" else run[key]
             if (have not in want) if key == "models" else (have != want):
                 return f"plan bounds were calibrated on {key} {want}, this run has {have}"
         return None
@@ -202,7 +207,7 @@ def _calibrated(table: Any, source: str) -> dict[str, Any]:
         _names(table, "models", where)
     if "batch_size" in table and (isinstance(table["batch_size"], bool) or not isinstance(table["batch_size"], int)):
         raise PlanError(f"{where}.batch_size: must be an integer, got {table['batch_size']!r}")
-    for key in ("data", "weights", "evidence"):
+    for key in ("data", "weights", "workload", "evidence"):
         if key in table:
             _string(table, key, where)
     return dict(table)

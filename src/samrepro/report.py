@@ -6,6 +6,8 @@ import json
 import math
 import re
 import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,7 @@ def verdict(step_results: list[StepResult], base: StepResult | None, plan: dict[
         f"- **gates:** {len(gates['pass'])} passed, {len(gates['fail'])} failed, {len(gates['skipped'])} skipped"
         + failed,
         f"- **weights:** {weights}",
-        f"- **data:** {data}; {plan.get('images')} images, batch size {plan.get('batch_size')}",
+        f"- **data:** {data}; {plan.get('images')} images, " + _size(plan, step_results),
         f"- **time:** {_duration(compile_s)} compiling (sum of compile s), "
         f"{_duration(wall_s)} wall time of all steps (sum of each one's start to finish)",
     ]
@@ -93,6 +95,8 @@ def verdict(step_results: list[StepResult], base: StepResult | None, plan: dict[
 def published_comparison(step_results: list[StepResult], base: StepResult | None, plan: dict[str, Any]) -> list[str]:
     """Each measured step beside the published figures of the same step and model, and the sources' labels."""
     model, batch_size, device = str(plan.get("model")), int(plan.get("batch_size") or 0), str(plan.get("device"))
+    if is_amg(plan, step_results):
+        return ["No published figure: the sources timed point prompts, not automatic mask generation."]
     if model in published.OWN_MODELS:
         return [f"No published figure ({model} is samrepro's own model)."]
     if model not in published.models():
@@ -191,8 +195,9 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
     lines = [f"# samrepro report: {_heading(plan)}", "", *verdict(step_results, base, plan), ""]
     if any(r.weights.startswith("random") for r in step_results):
         lines += [RANDOM_BANNER, ""]
+    batch = "one image at a time" if is_amg(plan, step_results) else f"batch size {plan.get('batch_size')}"
     lines.append(
-        f"- model `{plan.get('model')}` on `{plan.get('device')}`, batch size {plan.get('batch_size')}, "
+        f"- model `{plan.get('model')}` on `{plan.get('device')}`, {batch}, "
         f"{plan.get('images')} images, plan hash `{plan.get('plan_hash')}`"
     )
     started = sorted(r.started_at for r in step_results if r.started_at)
@@ -200,16 +205,14 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
     if started and finished:
         lines.append(f"- ran from {started[0]} to {finished[-1]}")
     lines += ["", *(f"![{CHARTS[s][2]}]({s}.svg)" for s in CHARTS), "", "## Steps", ""]
-    lines += [*_table(step_results, base, {r.step for r, _ in slower}), ""]
+    columns = AMG_COLUMNS if is_amg(plan, step_results) else POINTS_COLUMNS
+    lines += [*_table(step_results, base, {r.step for r, _ in slower}, columns), ""]
     lines.append(
         f"Speed-up is over the fp32 step `{base.step}`." if base else "No fp32 step (one without patches) ran."
     )
     if slower:
         lines.append(f"{SLOWER} after img/s: slower than the step before it (see Regressions).")
-    lines.append(
-        "Latency is per image; mIoU GT is mIoU with center-point prompts against ground truth; agreement mIoU and "
-        "SQNR compare with the fp32 model's masks and image embeddings."
-    )
+    lines.append(AMG_NOTE if is_amg(plan, step_results) else POINTS_NOTE)
     changed = [r.step for r in step_results if r.changes_weights]
     if changed:
         lines += [
@@ -249,40 +252,107 @@ def _heading(plan: dict[str, Any]) -> str:
     return f"{plan_name(plan)} ({plan.get('mode')}), {plan.get('model')} on {plan.get('device')}"
 
 
-def _table(step_results: list[StepResult], base: StepResult | None, slower: set[str]) -> list[str]:
-    head = (
-        "step | patches | status | img/s | speed-up | p50 ms | p90 ms | encoder ms | encoder speed-up | "
-        "encoder TFLOP/s | peak MiB | compile s | mIoU GT | "
-        "agreement mIoU | SQNR dB | gate | tolerance | violations | kernel paths | reason"
-    ).split(" | ")
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _table(
+    step_results: list[StepResult], base: StepResult | None, slower: set[str], columns: tuple[str, ...]
+) -> list[str]:
+    """One row per step, one cell per column name (CELLS)."""
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in step_results:
-        speedup = r.img_s / base.img_s if base and base.img_s and r.img_s is not None else None
-        enc_speedup = base.encoder_ms / r.encoder_ms if base and base.encoder_ms and r.encoder_ms else None
-        cells = [
-            r.step,
-            ", ".join(r.patches) or "(none)",
-            r.status,
-            _rate(r.img_s) + (f" {SLOWER}" if r.step in slower else ""),
-            _num(speedup, ".2f", "x"),
-            _num(r.latency_ms_p50, ".2f"),
-            _num(r.latency_ms_p90, ".2f"),
-            _num(r.encoder_ms, ".2f"),
-            _num(enc_speedup, ".2f", "x"),
-            _num(r.encoder_tflop_s, ".3g"),
-            _num(r.peak_mem_mib, ".0f"),
-            _num(r.compile_s, ".1f"),
-            _num(r.miou_gt, ".4f"),
-            _num(r.miou_agreement, ".4f"),
-            _num(r.embedding_sqnr_db, ".1f"),
-            "**FAIL**" if r.gate == "fail" else r.gate,
-            ", ".join(f"{k}={v:.4g}" for k, v in sorted(r.tolerance.items())),
-            "; ".join(r.gate_violations),
-            ", ".join(f"{k}={v}" for k, v in sorted(r.kernel_paths.items())),
-            r.reason or "",
-        ]
-        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        row = Row(r, base, r.step in slower)
+        rows.append("| " + " | ".join(_cell(CELLS[c](row)) for c in columns) + " |")
     return rows
+
+
+@dataclass
+class Row:
+    """A step and what its cells compare it with."""
+
+    r: StepResult
+    base: StepResult | None
+    slower: bool
+
+    @property
+    def speedup(self) -> float | None:
+        base, r = self.base, self.r
+        return r.img_s / base.img_s if base and base.img_s and r.img_s is not None else None
+
+    @property
+    def encoder_speedup(self) -> float | None:
+        base, r = self.base, self.r
+        return base.encoder_ms / r.encoder_ms if base and base.encoder_ms and r.encoder_ms else None
+
+
+CELLS: dict[str, Callable[[Row], str]] = {
+    "step": lambda w: w.r.step,
+    "patches": lambda w: ", ".join(w.r.patches) or "(none)",
+    "status": lambda w: w.r.status,
+    "img/s": lambda w: _rate(w.r.img_s) + (f" {SLOWER}" if w.slower else ""),
+    "speed-up": lambda w: _num(w.speedup, ".2f", "x"),
+    "p50 ms": lambda w: _num(w.r.latency_ms_p50, ".2f"),
+    "p90 ms": lambda w: _num(w.r.latency_ms_p90, ".2f"),
+    "encoder ms": lambda w: _num(w.r.encoder_ms, ".2f"),
+    "encoder speed-up": lambda w: _num(w.encoder_speedup, ".2f", "x"),
+    "encoder TFLOP/s": lambda w: _num(w.r.encoder_tflop_s, ".3g"),
+    "peak MiB": lambda w: _num(w.r.peak_mem_mib, ".0f"),
+    "compile s": lambda w: _num(w.r.compile_s, ".1f"),
+    "mIoU GT": lambda w: _num(w.r.miou_gt, ".4f"),
+    "agreement mIoU": lambda w: _num(w.r.miou_agreement, ".4f"),
+    "masks/image": lambda w: _num(w.r.amg_masks_per_image, ".2f"),
+    "matched mIoU": lambda w: _num(w.r.amg_matched_miou, ".4f"),
+    "matched ≥ 0.5": lambda w: _num(w.r.amg_match_share, ".3f"),
+    "masks/image vs fp32": lambda w: _num(w.r.amg_mask_count_diff, "+.2f"),
+    "SQNR dB": lambda w: _num(w.r.embedding_sqnr_db, ".1f"),
+    "gate": lambda w: "**FAIL**" if w.r.gate == "fail" else w.r.gate,
+    "tolerance": lambda w: ", ".join(f"{k}={v:.4g}" for k, v in sorted(w.r.tolerance.items())),
+    "violations": lambda w: "; ".join(w.r.gate_violations),
+    "kernel paths": lambda w: ", ".join(f"{k}={v}" for k, v in sorted(w.r.kernel_paths.items())),
+    "reason": lambda w: w.r.reason or "",
+}
+_SPEED = ("step", "patches", "status", "img/s", "speed-up", "p50 ms", "p90 ms")
+_GATE = ("SQNR dB", "gate", "tolerance", "violations", "kernel paths", "reason")
+POINTS_COLUMNS = (
+    *_SPEED, "encoder ms", "encoder speed-up", "encoder TFLOP/s", "peak MiB", "compile s", "mIoU GT",
+    "agreement mIoU", *_GATE,
+)  # fmt: skip
+AMG_COLUMNS = (
+    *_SPEED,
+    "peak MiB",
+    "compile s",
+    "masks/image",
+    "matched mIoU",
+    "matched ≥ 0.5",
+    "masks/image vs fp32",
+    *_GATE,
+)
+POINTS_NOTE = (
+    "Latency is per image; mIoU GT is mIoU with center-point prompts against ground truth; agreement mIoU and "
+    "SQNR compare with the fp32 model's masks and image embeddings."
+)
+AMG_NOTE = (
+    "Automatic mask generation: latency is one `generate` call per image. Each fp32 mask is matched to this "
+    "step's mask of highest IoU on the same image: matched mIoU is the mean of those IoUs, matched ≥ 0.5 the share "
+    "of fp32 masks whose match reaches 0.5, masks/image vs fp32 the masks gained (+) or lost (-) per image. SQNR "
+    "compares the first image's embedding. There is no mIoU against ground truth: the generator's masks answer "
+    "no prompt, so nothing pairs a mask with a ground-truth object, and none is computed."
+)
+
+
+def is_amg(plan: dict[str, Any], step_results: list[StepResult]) -> bool:
+    """Whether the run timed the AMG workload (plan.json says; older folders have only their StepResults)."""
+    workload = plan.get("workload")
+    return workload.get("name") == "amg" if isinstance(workload, dict) else any(r.is_amg for r in step_results)
+
+
+def _size(plan: dict[str, Any], step_results: list[StepResult]) -> str:
+    """The workload's size for the verdict: the batch size, or the generator's grid and filters."""
+    if not is_amg(plan, step_results):
+        return f"batch size {plan.get('batch_size')}"
+    w = plan.get("workload") or next(r.workload for r in step_results if r.is_amg)
+    return (
+        f"automatic mask generation (official SamAutomaticMaskGenerator): {w['points_per_side']}² points per image, "
+        f"{w['points_per_batch']} per batch, {w['crop_n_layers']} crop layer(s), pred_iou_thresh "
+        f"{w['pred_iou_thresh']:g}, stability_score_thresh {w['stability_score_thresh']:g}"
+    )
 
 
 def _env_rows(step_results: list[StepResult]) -> list[str]:

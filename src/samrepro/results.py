@@ -37,6 +37,7 @@ class StepResult:
     mode: str = "cumulative"
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     revisions: dict[str, int] = field(default_factory=dict)  # each patch's revision (`Patch.revision`)
+    workload: dict[str, Any] = field(default_factory=lambda: {"name": "points"})  # what was timed, its settings
     reason: str | None = None  # why skipped / failed
     images: int = 0
     prompts_per_image: float = 0.0
@@ -51,6 +52,12 @@ class StepResult:
     miou_gt: float | None = None  # null without ground truth
     miou_agreement: float | None = None  # vs the fp32 step's own masks
     embedding_sqnr_db: float | None = None
+    # the AMG workload (null otherwise): masks kept per image, and against the fp32 step's masks: mean IoU of each
+    # fp32 mask's best match, the share matched at IoU >= 0.5, masks per image gained (+) or lost (-)
+    amg_masks_per_image: float | None = None
+    amg_matched_miou: float | None = None
+    amg_match_share: float | None = None
+    amg_mask_count_diff: float | None = None
     tolerance: dict[str, float] = field(default_factory=dict)  # what the gate checked
     tolerance_source: str = ""  # declared, or tightened by a plan bound calibrated on this workload
     gate_violations: list[str] = field(default_factory=list)
@@ -80,6 +87,10 @@ class StepResult:
 
     def filename(self) -> str:
         return f"step_{self.index:02d}_{self.step}.json"
+
+    @property
+    def is_amg(self) -> bool:
+        return self.workload.get("name") == "amg"
 
 
 def utc_now() -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from samrepro import ablation, conclude, console, env, lock, results, supervise
+from samrepro import ablation, conclude, console, env, lock, results, supervise, workloads
 from samrepro.console import say as _say
 from samrepro.inputs import UsageError, config_error, first_line
 from samrepro.plans import Plan, ResolvedStep
@@ -55,7 +55,7 @@ def run_ablation(
     plan: str | Path | Plan | None = None,
     patches: list[str] | None = None,
     mode: str = "cumulative",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     images: int = 32,
     prompts: int | None = None,
     weights: str | None = None,
@@ -66,18 +66,27 @@ def run_ablation(
     profile: bool = False,
     track: bool = True,
     command: str | None = None,
+    workload: str = "points",
+    workload_options: dict[str, int] | None = None,
 ) -> Outcome:
     """Run every step of `plan` on `model`/`device`, each in its own process; returns the StepResults.
 
     Args:
-        plan: a Plan, a plan file, or a plan name in ablations/ (default: blog on cuda, cpu on cpu).
+        plan: a Plan, a plan file, or a plan name in ablations/ (default: amg for the amg workload, else blog on
+            cuda, cpu on cpu).
         patches: instead of a plan, fp32 then one step per patch; a patch that cannot run here is an error.
+        batch_size: images per encoder batch (None: 8); the amg workload runs one image at a time.
         prompts: at most this many prompts per image (None: all).
         weights: "random", a checkpoint path, or None: tiny's shipped weights, random for the vit_* models.
         force: rerun steps whose results already exist.
         track: log the results folder to MLflow at the end.
+        workload: "points" (the prompted workload) or "amg" (workloads.py); workload_options: its options, e.g.
+            {"points_per_side": 8} for amg.
     """
-    ab = ablation.prepare(model, device, plan, patches, mode, batch_size, images, prompts, weights, data, results_dir)
+    ab = ablation.prepare(
+        model, device, plan, patches, mode, batch_size, images, prompts, weights, data, results_dir, workload,
+        workload_options,
+    )  # fmt: skip
     folder, steps, setup, plan = ab.folder, ab.steps, ab.setup, ab.plan
     command = command or shlex.join(sys.argv)
     if setup["weights"] == "random" and model != "tiny":
@@ -86,7 +95,8 @@ def run_ablation(
         try:
             results.write_json(folder / results.PLAN_FILE, setup | {"command": command})
             set_aside_stale(folder, [filename(s) for s in steps])
-            _say(f"{plan.name} ({mode}) on {model}/{device}, batch {setup['batch_size']}, {images} images -> {folder}")
+            size = workloads.describe(setup["workload"], setup["batch_size"])
+            _say(f"{plan.name} ({mode}) on {model}/{device}, {size}, {images} images -> {folder}")
             step_results, wall_s = _run_steps(folder, steps, setup, force, profile)
             outcome = Outcome(folder, step_results)
             conclude.summary(step_results, wall_s)

@@ -19,7 +19,9 @@ from samrepro.results import StepResult
 
 SCHEMA = 1
 # What the fp32 baseline shares with every later step of a run: a baseline measured otherwise is not compared.
-INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "weights_sha256", "data")
+INPUT_KEYS = ("model", "device", "batch_size", "images", "prompts", "weights", "weights_sha256", "data", "workload")
+# The workload of specs and baselines written before workloads had names: the point-prompt one.
+POINTS_WORKLOAD = {"name": "points"}
 VOLATILE = ("results_dir", "cache_dir", "profile")  # where and how it is stored, not what it measures
 
 
@@ -47,6 +49,8 @@ class StepSpec:
     results_dir: str = ""
     cache_dir: str = ""
     profile: bool = False
+    # what is timed and compared (workloads.py): {"name": ...} and every setting it runs with
+    workload: dict[str, Any] = field(default_factory=lambda: dict(POINTS_WORKLOAD))
     schema: int = SCHEMA
 
     def inputs(self) -> dict[str, Any]:
@@ -72,6 +76,7 @@ class StepSpec:
             mode=self.mode,
             configs=self.configs,
             revisions=self.revisions,
+            workload=self.workload,
             **start,
         )
 

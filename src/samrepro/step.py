@@ -1,7 +1,7 @@
 """One ablation step in a fresh process: `python -m samrepro.step SPEC_JSON_PATH` writes its StepResult JSON.
 
-The spec (written by the runner) names the model, device, data, patches and their configs; the fp32 baseline
-step also stores its masks, IoU predictions and first-batch embeddings in BASELINE for the later steps.
+The spec (written by the runner) names the model, device, data, workload, patches and their configs; the fp32
+baseline step also stores what its workload is compared on (workloads.py) in BASELINE for the later steps.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import torch
 from segment_anything.modeling import Sam
 
 import samrepro
-from samrepro import bench, env, flops, gates, results
-from samrepro.compare import Outputs, deviation
+from samrepro import bench, env, gates, results
 from samrepro.console import emit
 from samrepro.kernels import COUNTERS
 from samrepro.models import fp32_reference_mode, load_model
+from samrepro.patch import Tolerance
 from samrepro.registry import apply_patches, get_patch, ordered
 from samrepro.results import StepResult, utc_now
-from samrepro.spec import StepSpec
+from samrepro.spec import POINTS_WORKLOAD, StepSpec
 from samrepro.workload import Sample
+from samrepro.workloads import AMG, WORKLOADS
 
 BASELINE = "baseline.pt"
 INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # every step of every run on this machine shares it (yours wins if set)
@@ -57,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(spec: StepSpec, result: StepResult) -> None:
-    """Load, patch, bench, compare with the baseline and gate; fills `result` in place."""
+    """Load, patch, run the spec's workload, compare with the baseline and gate; fills `result` in place."""
     from samrepro import data  # written alongside; imported late so a missing loader fails this step only
 
     folder = Path(spec.results_dir)
+    work = WORKLOADS[spec.workload["name"]]
     patches = [get_patch(name) for name in ordered(spec.patches)]
     result.patches = [p.name for p in patches]
     result.configs = {  # every field, defaults included
@@ -78,16 +80,9 @@ def run(spec: StepSpec, result: StepResult) -> None:
     result.env = env.capture() | {"data": data_label, "inductor_cache": os.environ[INDUCTOR_CACHE]}
 
     emit("compiling" if any(get_patch(n).compiles for n in result.patches) else "warming")
-    out = bench.run(sam, samples, spec.batch_size, progress=lambda done, n: emit("timing", done=done, total=n))
+    out = work.measure(sam, spec, samples, timing, bench.WARMUP_RUNS)
     result.env["memory_source"] = out.memory_source
-    result.images, result.prompts_per_image = out.images, out.prompts / out.images
-    result.img_s, result.compile_s = out.img_s, out.compile_s
-    result.latency_ms_p50, result.latency_ms_p90 = out.latency_pct(50), out.latency_pct(90)
-    result.encoder_ms = out.encoder_ms
-    encoded = -(-out.images // spec.batch_size) * spec.batch_size  # the last batch is padded
-    result.encoder_tflop_s = flops.tflop_s(spec.model, encoded, out.encoder_s)
-    result.peak_mem_mib, result.peak_mem_reserved_mib = out.peak_mem_mib, out.peak_mem_reserved_mib
-    result.miou_gt = out.miou_gt
+    work.record(result, out, spec)
     result.kernel_paths = dict(COUNTERS)  # which hand-written kernel paths ran (triton_attn counts its calls)
 
     emit("gating")
@@ -99,16 +94,21 @@ def run(spec: StepSpec, result: StepResult) -> None:
 
     if spec.profile:
         stem = folder / "traces" / result.filename().removesuffix(".json")
-        result.env["profile"] = profile(sam, result.patches, samples, spec.batch_size, stem)
+        result.env["profile"] = profile(sam, spec, samples, stem)
 
 
-def profile(sam: Sam, patches: list[str], samples: list[Sample], batch_size: int, stem: Path) -> str:
-    """A trace (and on GPU a memory snapshot) of one more batch; a failure here keeps the measured result."""
+def timing(done: int, total: int) -> None:
+    emit("timing", done=done, total=total)
+
+
+def profile(sam: Sam, spec: StepSpec, samples: list[Sample], stem: Path) -> str:
+    """A trace (and on GPU a memory snapshot) of one more run; a failure here keeps the measured result."""
     snapshot = Path(f"{stem}.memory.pickle") if sam.device.type == "cuda" else None
-    if snapshot is not None and "compile" in patches:
+    if snapshot is not None and "compile" in spec.patches:
         snapshot = None  # CUDA graphs (max-autotune) and the memory recorder do not mix
     try:
-        bench.profile(sam, samples, batch_size, Path(f"{stem}.trace.json.gz"), Path(f"{stem}.ops.txt"), snapshot)
+        work = WORKLOADS[spec.workload["name"]]
+        work.profile(sam, spec, samples, Path(f"{stem}.trace.json.gz"), Path(f"{stem}.ops.txt"), snapshot)
     except Exception as e:
         traceback.print_exc()
         return f"failed: {type(e).__name__}: {e}"
@@ -125,8 +125,8 @@ def same_change_reference(spec: StepSpec, names: list[str], samples: list[Sample
     emit("reference")
     ref = load_model(spec.model, spec.device, spec.weights)
     apply_patches(ref, [patch.name], {patch.name: patch.reference_config})
-    out = bench.run(ref, samples, spec.batch_size, warmup=0)
-    return SameChange(patch.name, patch.reference_config, Outputs.of_bench(out))
+    work = WORKLOADS[spec.workload["name"]]
+    return SameChange(patch.name, patch.reference_config, work.outputs(work.measure(ref, spec, samples, None, 0)))
 
 
 @dataclasses.dataclass
@@ -135,47 +135,66 @@ class SameChange:
 
     patch: str
     config: dict[str, Any]
-    outputs: Outputs
+    outputs: Any  # the workload's outputs (compare.Outputs, amg_compare.AmgOutputs)
 
 
 def gate(
     result: StepResult,
-    out: bench.BenchResult,
+    out: Any,
     baseline_path: Path,
     spec: StepSpec,
     same_change: SameChange | None = None,
 ) -> None:
-    """Agreement, SQNR and IoU-prediction deviation against the fp32 step (or, with `same_change`, against fp32
-    with the same weight change), checked by the gate the equivalence tests use."""
+    """The workload's measures of its run `out` against the fp32 step's (or, with `same_change`, against fp32 with
+    the same weight change), checked by the gate the equivalence tests use."""
+    work = WORKLOADS[spec.workload["name"]]
     patches = [get_patch(name) for name in result.patches]
     tol = gates.plan_tolerance(patches, spec.tolerance)
-    result.tolerance, result.tolerance_source = tol.to_dict(), spec.tolerance_source
+    result.tolerance, result.tolerance_source = shown(tol, work.tolerance_keys), spec.tolerance_source
     if not baseline_path.is_file():
         result.gate, result.reason = "skipped", f"no fp32 baseline ({baseline_path.name}): the first step did not run"
         return
     state = torch.load(baseline_path, weights_only=True)
-    if state["inputs"] != spec.inputs():
+    if {"workload": POINTS_WORKLOAD} | state["inputs"] != spec.inputs():  # older baselines name no workload
         raise RuntimeError(f"{baseline_path} was measured with other settings: {state['inputs']}")
-    mine = Outputs.of_bench(out)
-    measured = deviation(Outputs.from_state(state), mine)
+    mine = work.outputs(out)
+    measured = work.deviation(work.from_state(state), mine)
     plainly = None
     if same_change:
-        unchanged, measured = measured, deviation(same_change.outputs, mine)
+        unchanged, measured = measured, work.deviation(same_change.outputs, mine)
         plainly = same_change.patch
+        agreement = unchanged.get("miou_agreement", unchanged.get("amg_matched_miou"))
         result.tolerance_source = (
             f"random weights: against fp32 with {plainly}'s weight change made plainly "
             f"({same_change.config}), as its declared tolerance holds for trained weights; "
-            f"against fp32 as it is: agreement {unchanged['miou_agreement']:.3f}, "
-            f"SQNR {unchanged['embedding_sqnr_db']:.1f} dB"
+            f"against fp32 as it is: agreement {_fmt(agreement, '.3f')}, "
+            f"SQNR {_fmt(unchanged['embedding_sqnr_db'], '.1f')} dB"
         )
     tol, result.gate_violations = gates.check(measured, patches, spec.tolerance, plainly)
-    result.tolerance = tol.to_dict()
-    result.miou_agreement, result.embedding_sqnr_db = measured["miou_agreement"], measured["embedding_sqnr_db"]
+    result.tolerance = shown(tol, work.tolerance_keys)
+    result.embedding_sqnr_db = measured["embedding_sqnr_db"]
+    result.miou_agreement = measured.get("miou_agreement")
+    result.amg_matched_miou = measured.get("amg_matched_miou")
+    result.amg_match_share = measured.get("amg_match_share")
+    result.amg_mask_count_diff = measured.get("amg_mask_count_diff")
+    if work.name == AMG and result.amg_matched_miou is None:
+        lost = "the fp32 step kept no mask: matched mIoU and share not measured"
+        result.reason = f"{result.reason}; {lost}" if result.reason else lost
     result.gate = "fail" if result.gate_violations else "pass"
 
 
-def save_baseline(path: Path, out: bench.BenchResult, inputs: dict[str, Any]) -> None:
-    state = {"inputs": inputs, **Outputs.of_bench(out).state()}
+def shown(tol: Tolerance, keys: tuple[str, ...]) -> dict[str, float]:
+    """The bounds a workload's gate checks, as the StepResult records them."""
+    return {k: v for k, v in tol.to_dict().items() if k in keys}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def save_baseline(path: Path, out: Any, inputs: dict[str, Any]) -> None:
+    """The fp32 step's run `out`, reduced to what its workload is compared on, with the inputs it was measured on."""
+    state = {"inputs": inputs, **WORKLOADS[inputs["workload"]["name"]].outputs(out).state()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

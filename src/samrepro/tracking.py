@@ -58,9 +58,15 @@ METRICS = (
     "miou_gt",
     "miou_agreement",
     "embedding_sqnr_db",
+    "amg_masks_per_image",  # the AMG workload's (absent from point-prompt runs)
+    "amg_matched_miou",
+    "amg_match_share",
+    "amg_mask_count_diff",
 )
 # What the runs table shows as columns; speedup is img_s over the fp32 step's, gate_pass 1/0 (none when skipped).
-TABLE_METRICS = ("img_s", "speedup", "peak_mem_mib", "miou_agreement", "miou_gt", "gate_pass", "compile_s")
+TABLE_METRICS = (
+    "img_s", "speedup", "peak_mem_mib", "miou_agreement", "amg_matched_miou", "miou_gt", "gate_pass", "compile_s"
+)  # fmt: skip
 # MLflow 3 tags an experiment's kind; a UI that reads it opens a model-training experiment on its runs. The 3.17 UI
 # follows its sidebar's GenAI / model-training switch instead, which `workflowType` in the address sets.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -197,6 +203,7 @@ def step_run(r: StepResult, base_img_s: float | None = None, dataset: DatasetSpe
         "mode": r.mode,
         "plan": r.plan,
         "plan_hash": r.plan_hash,
+        **flatten(r.workload, "workload"),
         **flatten(r.configs, "config"),
     }
     tags = {

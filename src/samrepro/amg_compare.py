@@ -1,0 +1,67 @@
+"""How far a patched AMG run moved from the fp32 run on the same images: the measures behind the AMG gate.
+
+Automatic masks have no order and no prompt to pair them by, so each fp32 mask is matched to the patched run's
+mask with the highest IoU (on COCO RLE, pycocotools.mask.iou). A fp32 mask the patched run lost altogether scores
+its overlap with whatever mask is nearest, often 0. Ground truth has no part here: the generator's masks are not
+answers to an object's prompt, so there is no mIoU against ground truth to compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from samrepro.amg import AmgResult, Rle
+from samrepro.metrics import sqnr_db
+
+MATCH_IOU = 0.5  # a fp32 mask counts as found when its best match reaches this IoU
+
+
+@dataclass
+class AmgOutputs:
+    """What an AMG run is compared on."""
+
+    masks: list[list[Rle]]  # per image, per mask (COCO RLE, text counts)
+    embeddings: torch.Tensor  # the first image's: 1, C, h, w fp32 (host)
+
+    @classmethod
+    def of_run(cls, out: AmgResult) -> AmgOutputs:
+        return cls(out.masks, out.embeddings)
+
+    def state(self) -> dict[str, Any]:
+        """For torch.save (the fp32 step's baseline file); RLEs are plain dicts of lists and text."""
+        return {"amg_masks": self.masks, "embeddings": self.embeddings}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> AmgOutputs:
+        return cls(state["amg_masks"], state["embeddings"])
+
+
+def matched_ious(ref: list[Rle], out: list[Rle]) -> np.ndarray:
+    """Per fp32 mask of one image, the IoU of its best match among `out`: (len(ref),) float64."""
+    if not ref:
+        return np.zeros(0)
+    if not out:
+        return np.zeros(len(ref))
+    ious = np.asarray(mask_utils.iou(out, ref, [0] * len(ref)))  # len(out), len(ref)
+    return ious.reshape(len(out), len(ref)).max(axis=0)
+
+
+def deviation(ref: AmgOutputs, out: AmgOutputs) -> dict[str, float | None]:
+    """Matched mIoU and matched share pooled over every fp32 mask of every image (None where fp32 kept no mask),
+    the mask-count difference per image (patched - fp32) and the SQNR of the first image's embedding; the keys
+    `metrics.check_tolerance` checks."""
+    best = [matched_ious(r, o) for r, o in zip(ref.masks, out.masks, strict=True)]
+    best = np.concatenate(best) if best else np.zeros(0)
+    found = best.size > 0
+    count_diff = sum(len(o) - len(r) for r, o in zip(ref.masks, out.masks)) / max(len(ref.masks), 1)
+    return {
+        "amg_matched_miou": float(best.mean()) if found else None,
+        "amg_match_share": float((best >= MATCH_IOU).mean()) if found else None,
+        "amg_mask_count_diff": count_diff,
+        "embedding_sqnr_db": sqnr_db(ref.embeddings, out.embeddings),
+    }
