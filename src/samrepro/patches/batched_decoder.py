@@ -158,8 +158,13 @@ PATCH = register_patch(
         # mean 1.0000000, min 0.99997. With bf16 + sync_free + sdpa below it (CPU, 60 batches, 546 prompts):
         # identical outputs. Not yet measured on CUDA. Bounds keep > 100x margin on the deviation, as sdpa's do.
         tolerance=Tolerance(agreement_miou_min=0.995, gt_miou_drop_max=0.002, iou_pred_max_abs=1e-4),
-        unfit_workloads=(("amg", "the automatic mask generator decodes one image at a time through predict_torch, "
-                          "never the packed path: nothing to batch"),),
+        unfit_workloads=(
+            (
+                "amg",
+                "the automatic mask generator decodes one image at a time through predict_torch, "
+                "never the packed path: nothing to batch",
+            ),
+        ),
         touches_encoder=False,
     )
 )
