@@ -95,6 +95,22 @@ def test_bench_pads_the_last_batch_but_counts_real_images(tiny):
     assert 0.0 <= out.miou_gt <= 1.0 and out.peak_mem_mib > 0
 
 
+def test_warm_up_runs_each_batch_with_new_decoder_shapes_once(tiny):
+    rng = np.random.default_rng(0)
+    counts = [2, 1, 1, 2, 3, 1, 2, 1]  # batches of 2: {2, 1, 3}, {1, 2, 3} seen, {3, 1, 4} new, {2, 1, 3} seen
+    samples = [sample(rng, 64, 64, n) for n in counts]
+    encoder_batches = []
+    hook = tiny.image_encoder.register_forward_pre_hook(lambda m, args: encoder_batches.append(args[0].shape[0]))
+    try:
+        out = bench.run(tiny, samples, batch_size=2, clock=itertools.count().__next__)
+    finally:
+        hook.remove()
+    assert len(encoder_batches) == bench.WARMUP_RUNS + 1 + 4  # the third batch once untimed, then 4 timed
+    assert out.images == 8 and out.timed_s == 4 * 3  # warm-up runs stay out of the timed seconds
+    assert out.compile_s == 1  # one clock tick brackets the whole warm-up
+    assert bench.decoder_shapes([samples[4], samples[5]]) == {3, 1, 4}
+
+
 def test_masks_pack_roundtrip():
     masks = torch.rand(3, 7, 5) > 0.5
     assert torch.equal(bench.Masks.pack(masks).unpack(), masks)
