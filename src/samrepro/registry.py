@@ -30,6 +30,7 @@ PATCH_ORDER = (
     "batched_decoder",
     "best_mask_only",
     "compile_decoder",
+    "amg_postprocess",
     "int8_dynamic",
     "fp8",
     "fp8_fused",

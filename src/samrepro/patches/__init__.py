@@ -1,5 +1,6 @@
 """One module per optimization; importing this package registers them all."""
 
+import samrepro.patches.amg_postprocess
 import samrepro.patches.batched_decoder
 import samrepro.patches.best_mask_only
 import samrepro.patches.bf16
