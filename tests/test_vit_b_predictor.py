@@ -47,9 +47,9 @@ def pristine(vit_b, image):
     "name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n for n in list_patches()]
 )
 def test_official_predictor_and_exact_undo(name, vit_b, image, pristine):
-    reason = get_patch(name).unavailable_reason("cpu")
+    reason = get_patch(name).unavailable_reason("cpu") or get_patch(name).workload_reason("points")
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason)  # a generator-only patch never reaches SamPredictor.predict
     reference, (ref_masks, ref_scores, ref_low) = pristine
     with get_patch(name).apply(vit_b):
         masks, scores, low = predict(vit_b, image)
