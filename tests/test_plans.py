@@ -52,7 +52,7 @@ def test_shipped_plans_parse():
     assert blog.steps[3].config == {"compile": {"mode": "max-autotune"}}
     assert blog.steps[-1].remove == ("int8_dynamic",)
     cpu = plans.load(plans.find_plan("cpu"))
-    assert [s.name for s in cpu.steps] == ["fp32", "bf16", "compile", "sdpa"]
+    assert [s.name for s in cpu.steps] == ["fp32", "bf16", "sdpa", "compile"]
 
 
 def test_good_plan_and_hash(tmp_path):
