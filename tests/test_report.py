@@ -218,14 +218,15 @@ def test_vit_b_steps_beside_their_published_figures_and_ratios(tmp_path):
 
 
 def test_published_figures_at_the_nearest_batch_size_and_by_device():
-    assert [f.batch_size for f in published.figures("compile", "vit_b", 4)] == [1]  # 1 is 3 away, 8 is 4
-    assert [f.batch_size for f in published.figures("compile", "vit_b", 20)] == [32]  # a tie goes to the larger
+    assert [f.batch_size for f in published.figures("compile", "vit_b", 4, "cuda")] == [1]  # 1 is 3 away, 8 is 4
+    assert [f.batch_size for f in published.figures("compile", "vit_b", 20, "cuda")] == [32]  # ties: the larger
     assert [f.batch_size for f in published.figures("batched_decoder", "vit_b", 1)] == [8]  # no bs1 row
-    (bs32,) = published.figures("compile", "vit_b", 32)
+    (bs32,) = published.figures("compile", "vit_b", 32, "cuda")
     assert (bs32.img_s, bs32.miou, bs32.speedup) == (50.1, 0.5408, None)  # fp32 at bs32 has no figure
-    assert [(f.hardware.split()[0], f.speedup) for f in published.figures("sdpa", "vit_h", 16, "cpu")] == [
+    assert [(f.hardware.split()[0], f.speedup) for f in published.figures("compile", "vit_h", 16, "cpu")] == [
         ("Intel", 3.95)
-    ]
+    ]  # the whole stack, the CPU plan's last step
+    assert published.figures("sdpa", "vit_h", 16, "cpu") == []
     assert [(f.hardware.split()[0], f.batch_size) for f in published.figures("sdpa", "vit_h", 16, "cuda:0")] == [
         ("A100", 8)
     ]  # bs8 is nearer 16
@@ -275,3 +276,21 @@ def test_no_regressions_section_when_every_step_is_faster(tmp_path):
     write_results(tmp_path / "res")  # the failed and skipped steps between bf16 and int8 are not compared
     text = write_report(tmp_path / "res").read_text()
     assert "▼" not in text and "## Regressions" not in text
+
+
+def test_a_small_encoder_share_and_emulated_bf16_are_named_as_limits(tmp_path):
+    no_bf16 = ENV | {"cpu_bf16": False, "cpu_capability": "AVX512"}
+    results.write(step(0, "fp32", [], gate="skipped", img_s=34.0, encoder_ms=8.0, env=no_bf16), tmp_path)
+    results.write(step(1, "bf16", ["bf16"], img_s=37.0, encoder_ms=10.6, env=no_bf16), tmp_path)
+    text = write_report(tmp_path).read_text()
+    limits = text.split("## What limits the speed-ups\n\n")[1].split("\n\n")[0].splitlines()
+    assert limits[0].startswith("- **The image encoder is 27% of the time per image** in `fp32` (8.0 of 29.4 ms)")
+    assert "at most 1.37x from them" in limits[0]
+    assert limits[1].startswith("- **This CPU has no bf16 instructions**") and "ATen's vector ISA: AVX512" in limits[1]
+
+
+def test_no_limit_section_where_the_encoder_dominates_and_bf16_is_native(tmp_path):
+    native = ENV | {"cpu_bf16": True}
+    results.write(step(0, "fp32", [], gate="skipped", img_s=10.0, encoder_ms=90.0, env=native), tmp_path)
+    results.write(step(1, "bf16", ["bf16"], img_s=25.0, encoder_ms=30.0, env=native), tmp_path)
+    assert "What limits" not in write_report(tmp_path).read_text()

@@ -28,6 +28,8 @@ def capture(plan: dict | None = None) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "gpu": _gpu(),
         "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA ATen's CPU kernels use
+        "cpu_bf16": _cpu_bf16(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -80,6 +82,15 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def _cpu_bf16() -> bool | None:
+    """Whether the CPU has bf16 instructions (AVX512_BF16 or AMX_BF16); None where /proc/cpuinfo is not there."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
 
 
 def _git(folder: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from samrepro import published, results
 from samrepro.results import StepResult, baseline, env_fields, plan_name, read_plan
+from samrepro.speed_limits import speed_limits
 
 CHARTS = {  # file stem -> (StepResult field, axis label, title)
     "throughput": ("img_s", "images / s", "Throughput per step"),
@@ -230,6 +231,9 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
             f"> **Not run:** {', '.join(f'`{s}`' for s in missing)} of the plan left no StepResult (the sweep was "
             "stopped or is still running); rerunning the same command into this folder resumes there.",
         ]
+    limits = speed_limits(step_results, base)
+    if limits:
+        lines += ["", "## What limits the speed-ups", "", *limits]
     lines += ["", "## Published figures", "", *published_comparison(step_results, base, plan)]
     if slower:
         lines += ["", "## Regressions", "", "Steps slower than the measured step before them (cumulative mode)."]
