@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from samrepro import console, runner
+from samrepro import conclude, console, runner
 from samrepro.results import StepResult
 
 PLAN = """
@@ -132,3 +132,20 @@ def test_emit_writes_one_json_line(monkeypatch, tmp_path):
     console.emit("timing", done=1, total=4)
     os.close(write)
     assert json.loads(os.read(read, 1024)) == {"phase": "timing", "done": 1, "total": 4}
+
+
+def test_the_summary_names_what_limits_the_speed_ups(capsys):
+    def result(index, name, patches, img_s, encoder_ms):
+        return StepResult(model="tiny", device="cpu", batch_size=8, step=name, index=index, patches=patches,
+                          weights="w", status="ok", gate="pass", img_s=img_s, encoder_ms=encoder_ms,
+                          env={"cpu_bf16": False, "cpu_capability": "AVX512"})  # fmt: skip
+
+    rows = [result(0, "fp32", [], 34.0, 8.0), result(1, "bf16", ["bf16"], 37.0, 10.6)]
+    conclude.summary(rows, {"fp32": 17.0, "bf16": 13.0})
+    limits = [line for line in capsys.readouterr().err.splitlines() if line.startswith("limit: ")]
+    assert limits == [
+        "limit: the image encoder is 27% of fp32's time per image: encoder patches can gain at most 1.37x here "
+        "(report: What limits the speed-ups)",
+        "limit: this CPU has no bf16 instructions (AVX512_BF16, AMX): bf16 steps are not expected to beat fp32 here "
+        "(report: What limits the speed-ups)",
+    ]

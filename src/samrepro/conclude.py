@@ -10,7 +10,8 @@ from typing import Any
 from samrepro import console
 from samrepro.console import say
 from samrepro.inputs import first_line
-from samrepro.results import StepResult
+from samrepro.results import StepResult, baseline
+from samrepro.speed_limits import speed_limits
 
 
 def summary(step_results: list[StepResult], wall_s: dict[str, float]) -> None:
@@ -20,6 +21,8 @@ def summary(step_results: list[StepResult], wall_s: dict[str, float]) -> None:
     failed = [r.step for r in step_results if r.status == "failed" or r.gate == "fail"]
     ran = f"{len(wall_s)} step process(es) ran in {sum(wall_s.values()):.0f}s, {warm:.0f}s of it compiling/warming up"
     say(ran + (f"; FAILED: {', '.join(failed)}" if failed else "; every gate passed"))
+    for limit in speed_limits(step_results, baseline(step_results)):
+        say(f"limit: {limit.line} (report: What limits the speed-ups)")
 
 
 def report_and_track(folder: Path, tracking_uri: str | None, track: bool) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from samrepro import published, results
 from samrepro.results import StepResult, baseline, env_fields, plan_name, read_plan
-from samrepro.speed_limits import speed_limits
+from samrepro.speed_limits import markdown, speed_limits
 
 CHARTS = {  # file stem -> (StepResult field, axis label, title)
     "throughput": ("img_s", "images / s", "Throughput per step"),
@@ -233,7 +233,7 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
         ]
     limits = speed_limits(step_results, base)
     if limits:
-        lines += ["", "## What limits the speed-ups", "", *limits]
+        lines += ["", "## What limits the speed-ups", "", *map(markdown, limits)]
     lines += ["", "## Published figures", "", *published_comparison(step_results, base, plan)]
     if slower:
         lines += ["", "## Regressions", "", "Steps slower than the measured step before them (cumulative mode)."]
