@@ -74,23 +74,23 @@ def _gpu() -> dict[str, Any] | None:
     }
 
 
-def _cpu_model() -> str | None:
+def _cpuinfo(key: str) -> str | None:
+    """The first processor's `key` field in /proc/cpuinfo; None where the file or the field is not there."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or None
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+
+def _cpu_model() -> str | None:
+    return _cpuinfo("model name") or platform.processor() or None
 
 
 def _cpu_bf16() -> bool | None:
     """Whether the CPU has bf16 instructions (AVX512_BF16 or AMX_BF16); None where /proc/cpuinfo is not there."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return None
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[1].split()))
+    flags = _cpuinfo("flags")
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def _git(folder: Path) -> dict[str, Any]:
