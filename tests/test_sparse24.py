@@ -28,14 +28,16 @@ X = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))  # p
 
 
 def assert_2_4(pruned: torch.Tensor, dense: torch.Tensor) -> None:
-    """`pruned` is `dense` with the 2 largest |w| of every group of 4 input-dim weights kept, the rest zero."""
+    """`pruned` is `dense` with the 2 largest |w| (rounded to bf16) of every group of 4 input-dim weights kept, the
+    rest zero."""
     p, d = pruned.reshape(pruned.shape[0], -1, 4), dense.reshape(dense.shape[0], -1, 4)  # out, in/4, 4
     kept = p != 0
     assert ((~kept).sum(-1) >= 2).all()  # every group of 4 has at least 2 zeros
     assert torch.equal(torch.where(kept, d, torch.zeros_like(d)), p)  # kept weights keep their values
     assert torch.equal(kept.sum(-1), (d != 0).sum(-1).clamp(max=2))  # no nonzero dropped beyond 2 per group
-    largest_dropped = torch.where(kept, torch.zeros_like(d), d.abs()).amax(-1)  # out, in/4
-    smallest_kept = torch.where(kept, d.abs(), torch.full_like(d, torch.inf)).amin(-1)  # out, in/4
+    mag = d.abs().to(torch.bfloat16)  # out, in/4, 4
+    largest_dropped = torch.where(kept, torch.zeros_like(mag), mag).amax(-1)  # out, in/4
+    smallest_kept = torch.where(kept, mag, torch.full_like(mag, torch.inf)).amin(-1)  # out, in/4
     assert (largest_dropped <= smallest_kept).all()
 
 
@@ -57,6 +59,12 @@ def test_prune_keeps_the_two_largest_of_every_four(rows, groups, seed, dtype):
     pruned = prune_2_4(w)
     assert pruned.dtype == dtype and pruned.shape == w.shape
     assert_2_4(pruned, w)
+
+
+def test_prune_keeps_the_same_weights_in_fp32_and_after_bf16():
+    # the reference run prunes fp32 weights, a stack with bf16 prunes them rounded: one mask for both
+    w = torch.randn(768, 3072, generator=torch.Generator().manual_seed(0))  # vit_b's MLP shape
+    assert torch.equal(prune_2_4(w) != 0, prune_2_4(w.to(torch.bfloat16)) != 0)
 
 
 def test_cpu_default_prunes_every_encoder_linear_with_masked_weights(sam):

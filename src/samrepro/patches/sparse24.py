@@ -58,11 +58,17 @@ class Sparse24Config(PatchConfig):
 
 
 def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` with the 2 smallest |w| of every 4 consecutive input-dim weights set to zero."""
+    """`weight` with the 2 smallest |w| of every 4 consecutive input-dim weights set to zero.
+
+    Magnitudes are ranked rounded to bf16, ties to the lower index, so the mask is the same whether the weights are
+    pruned in fp32 (the gate's reference) or after `bf16` (the blog plan): ranked in each one's own dtype, 0.1% of
+    vit_b's mask entries differed, and the step failed its SQNR gate on a correct build
+    (reports/2026-12-06-h100-named-commands-vit_b-vit_h).
+    """
     out_f, in_f = weight.shape
     groups = weight.reshape(out_f, in_f // 4, 4)  # out, in/4, 4
-    keep = groups.abs().topk(2, dim=-1).indices  # out, in/4, 2
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)  # out, in/4, 4
+    rank = groups.abs().to(torch.bfloat16).sort(dim=-1, descending=True, stable=True)  # out, in/4, 4
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, rank.indices[..., :2], True)  # out, in/4, 4
     return torch.where(mask, groups, torch.zeros_like(groups)).reshape(out_f, in_f)
 
 
@@ -153,5 +159,6 @@ PATCH = register_patch(
         changes_weights=True,
         slots=(WEIGHTS_SLOT,),
         reference_config={"kernel": "masked"},  # the same pruned weights, dense
+        revision=2,  # the mask ranks magnitudes rounded to bf16
     )
 )
