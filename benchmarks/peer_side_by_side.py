@@ -244,7 +244,8 @@ def run_contender(name: str, samples: list[Sample], args, device: torch.device) 
         with contender_cwd(name, args) as cwd, contextlib.chdir(cwd):
             contender = build(name, args, device, record)
             if args.latency:
-                stats, masks = measure_latency(*contender, samples, args.warmup, device)
+                run = measure_latency(*contender, samples, args.warmup, device)
+                stats, masks = run.stats(), run.masks([s.image.shape[:2] for s in samples])
             else:
                 stats, masks = measure(*contender, samples, args, device)
         return record | stats, masks
@@ -282,9 +283,9 @@ def latency_table(records: list[dict]) -> str:
     def num(value, fmt=".2f"):
         return "–" if value is None else format(value, fmt)
 
-    keys = ("encoder_p50_ms", "encoder_p90_ms", "click_p50_ms", "click_p90_ms", "first_mask_p50_ms")
-    head = "| contender | encoder p50 ms | p90 | click p50 ms | p90 | encoder + click p50 | agreement mIoU | status |"
-    lines = [head, "|---" * 8 + "|"]
+    keys = [f"{part}_p{q}_ms" for part in ("encoder", "click", "first_mask") for q in (50, 90)]
+    head = "| contender | encoder p50 ms | p90 | click p50 ms | p90 | first mask p50 ms | p90 | agreement | status |"
+    lines = [head, "|---" * 9 + "|"]
     for r in records:
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
         cells = [num(r.get(k)) for k in keys] + [num(r.get("miou_agreement"), ".4f")]

@@ -110,5 +110,6 @@ def test_all_available_composed_within_plan_tolerance(device, tiny_ref, val_subs
 
 
 def test_all_available_composed_undo_exact(device, tiny_ref):
-    samples = make_samples(seed=5, batch_size=1, max_prompts=2, boxes=True, multi_point=True)
+    # batch 8, as the test above: the compiled encoder's graph is the one inductor compiled (and cached) there
+    samples = make_samples(seed=5, batch_size=8, max_prompts=2, boxes=True, multi_point=True)
     assert undo_violations(copy.deepcopy(tiny_ref), patches_for(composable(device)), samples) == []

@@ -120,7 +120,7 @@ def test_latency_mode_clicks_one_prompt_at_a_time_on_tiny():
     assert record["status"] == "ok" and record["images"] == 3 and record["clicks"] == 6
     assert 0 < record["encoder_p50_ms"] <= record["encoder_p90_ms"]
     assert 0 < record["click_p50_ms"] <= record["click_p90_ms"]
-    assert record["first_mask_p50_ms"] == record["encoder_p50_ms"] + record["click_p50_ms"]
+    assert record["encoder_p50_ms"] < record["first_mask_p50_ms"] <= record["first_mask_p90_ms"]
     args.latency = False
     _, batched = peer.run_contender("official", samples, args, CPU)
     assert [m.shape for m in clicked] == [(2, 256, 256)] * 3

@@ -39,8 +39,14 @@ class Ablation:
 def default_results_dir(
     model: str, device: str, plan: str, mode: str, batch_size: int, workload: dict[str, Any] | None = None
 ) -> Path:
-    """results/MODEL-DEVICE-PLAN-MODE-bsB for the points workload; AMG ends in -amg-ppsN (points per side)."""
-    size = f"amg-pps{workload['points_per_side']}" if workload and workload["name"] == "amg" else f"bs{batch_size}"
+    """results/MODEL-DEVICE-PLAN-MODE-bsB for the points workload; AMG ends in -amg-ppsN (points per side), the
+    interactive workload in -interactive."""
+    name = workload["name"] if workload else "points"
+    size = f"bs{batch_size}"
+    if name == "amg":
+        size = f"amg-pps{workload['points_per_side']}"
+    elif name == "interactive":
+        size = "interactive"
     return Path("results") / f"{model}-{device}-{plan}-{mode}-{size}"
 
 

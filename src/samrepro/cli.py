@@ -14,7 +14,8 @@ from samrepro.models import MODELS
 from samrepro.plans import MODES, PlanError
 from samrepro.supervise import Interrupted
 
-WORKLOADS = ("points", "amg")  # as samrepro.workloads.NAMES (a test checks), without importing the workloads here
+# as samrepro.workloads.NAMES (a test checks), without importing the workloads here
+WORKLOADS = ("points", "amg", "interactive")
 AMG_OPTIONS = ("points_per_side", "points_per_batch", "crop_n_layers")
 
 
@@ -70,7 +71,8 @@ def build_parser() -> Parser:
         "--workload",
         choices=WORKLOADS,
         default=WORKLOADS[0],
-        help="points: each image's point prompts (default); amg: the automatic mask generator on every image",
+        help="points: each image's point prompts (default); amg: the automatic mask generator on every image; "
+        "interactive: batch 1, each prompt decoded alone (click latency)",
     )
     amg = ab.add_argument_group("--workload amg (the official generator's defaults unless given)")
     amg.add_argument("--points-per-side", type=positive, help="grid points per image side (default 32)")

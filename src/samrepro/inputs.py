@@ -41,7 +41,8 @@ def resolve_workload(
     name: str, model: str, options: dict[str, int], batch_size: int | None, prompts: int | None
 ) -> tuple[dict[str, Any], int]:
     """The workload a run times, with every setting (workloads.resolve), and the batch size it runs with. AMG
-    encodes one image (or crop) at a time from the generator's own grid, so batch size and prompts are refused."""
+    encodes one image (or crop) at a time from the generator's own grid, so batch size and prompts are refused; the
+    interactive workload embeds one image at a time."""
     from samrepro import workloads
 
     if name == workloads.AMG and (batch_size is not None or prompts is not None):
@@ -50,11 +51,15 @@ def resolve_workload(
             f"{what} applies to the points workload; --workload amg encodes one image at a time and prompts a grid "
             "(--points-per-side, --points-per-batch)"
         )
+    if name == workloads.INTERACTIVE and batch_size is not None:
+        raise UsageError(
+            "--batch-size applies to the points workload; --workload interactive embeds one image at a time"
+        )
     try:
         workload = workloads.resolve(name, model, options)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return workload, 1 if name == workloads.AMG else batch_size or DEFAULT_BATCH_SIZE
+    return workload, 1 if name in (workloads.AMG, workloads.INTERACTIVE) else batch_size or DEFAULT_BATCH_SIZE
 
 
 def check_patches(names: list[str], device: str, workload: str = "points") -> None:

@@ -98,6 +98,8 @@ def published_comparison(step_results: list[StepResult], base: StepResult | None
     model, batch_size, device = str(plan.get("model")), int(plan.get("batch_size") or 0), str(plan.get("device"))
     if is_amg(plan, step_results):
         return ["No published figure: the sources timed point prompts, not automatic mask generation."]
+    if workload_name(plan, step_results) == "interactive":
+        return ["No published figure: the sources timed batches of point prompts, not one click at a time."]
     if model in published.OWN_MODELS:
         return [f"No published figure ({model} is samrepro's own model)."]
     if model not in published.models():
@@ -196,7 +198,8 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
     lines = [f"# samrepro report: {_heading(plan)}", "", *verdict(step_results, base, plan), ""]
     if any(r.weights.startswith("random") for r in step_results):
         lines += [RANDOM_BANNER, ""]
-    batch = "one image at a time" if is_amg(plan, step_results) else f"batch size {plan.get('batch_size')}"
+    name = workload_name(plan, step_results)
+    batch = "one image at a time" if name in ("amg", "interactive") else f"batch size {plan.get('batch_size')}"
     lines.append(
         f"- model `{plan.get('model')}` on `{plan.get('device')}`, {batch}, "
         f"{plan.get('images')} images, plan hash `{plan.get('plan_hash')}`"
@@ -206,14 +209,14 @@ def render(step_results: list[StepResult], plan: dict[str, Any], logs: Path | No
     if started and finished:
         lines.append(f"- ran from {started[0]} to {finished[-1]}")
     lines += ["", *(f"![{CHARTS[s][2]}]({s}.svg)" for s in CHARTS), "", "## Steps", ""]
-    columns = AMG_COLUMNS if is_amg(plan, step_results) else POINTS_COLUMNS
+    columns = {"amg": AMG_COLUMNS, "interactive": INTERACTIVE_COLUMNS}.get(name, POINTS_COLUMNS)
     lines += [*_table(step_results, base, {r.step for r, _ in slower}, columns), ""]
     lines.append(
         f"Speed-up is over the fp32 step `{base.step}`." if base else "No fp32 step (one without patches) ran."
     )
     if slower:
         lines.append(f"{SLOWER} after img/s: slower than the step before it (see Regressions).")
-    lines.append(AMG_NOTE if is_amg(plan, step_results) else POINTS_NOTE)
+    lines.append({"amg": AMG_NOTE, "interactive": INTERACTIVE_NOTE}.get(name, POINTS_NOTE))
     changed = [r.step for r in step_results if r.changes_weights]
     if changed:
         lines += [
@@ -294,6 +297,8 @@ CELLS: dict[str, Callable[[Row], str]] = {
     "speed-up": lambda w: _num(w.speedup, ".2f", "x"),
     "p50 ms": lambda w: _num(w.r.latency_ms_p50, ".2f"),
     "p90 ms": lambda w: _num(w.r.latency_ms_p90, ".2f"),
+    "click p50 ms": lambda w: _num(w.r.click_ms_p50, ".2f"),
+    "click p90 ms": lambda w: _num(w.r.click_ms_p90, ".2f"),
     "encoder ms": lambda w: _num(w.r.encoder_ms, ".2f"),
     "encoder speed-up": lambda w: _num(w.encoder_speedup, ".2f", "x"),
     "encoder TFLOP/s": lambda w: _num(w.r.encoder_tflop_s, ".3g"),
@@ -328,6 +333,17 @@ AMG_COLUMNS = (
     "masks/image vs fp32",
     *_GATE,
 )
+INTERACTIVE_COLUMNS = (
+    *_SPEED, "click p50 ms", "click p90 ms", "encoder ms", "encoder speed-up", "encoder TFLOP/s", "peak MiB",
+    "compile s", "mIoU GT", "agreement mIoU", *_GATE,
+)  # fmt: skip
+INTERACTIVE_SIZE = "interactive: one image at a time, each prompt decoded alone"
+INTERACTIVE_NOTE = (
+    "Interactive: p50/p90 ms is the time from a new image to its first mask (its encoder call and its first click), "
+    "click ms one prompt alone through prompt encoder, mask decoder and upsampling, img/s the whole loop (every "
+    "image embedded and every prompt clicked, one after the other). mIoU GT, agreement mIoU and SQNR are measured "
+    "as in the points workload."
+)
 POINTS_NOTE = (
     "Latency is per image; mIoU GT is mIoU with center-point prompts against ground truth; agreement mIoU and "
     "SQNR compare with the fp32 model's masks and image embeddings."
@@ -341,14 +357,22 @@ AMG_NOTE = (
 )
 
 
-def is_amg(plan: dict[str, Any], step_results: list[StepResult]) -> bool:
-    """Whether the run timed the AMG workload (plan.json says; older folders have only their StepResults)."""
+def workload_name(plan: dict[str, Any], step_results: list[StepResult]) -> str:
+    """The workload the run timed (plan.json says; older folders have only their StepResults)."""
     workload = plan.get("workload")
-    return workload.get("name") == "amg" if isinstance(workload, dict) else any(r.is_amg for r in step_results)
+    if isinstance(workload, dict):
+        return workload.get("name", "points")
+    return next((r.workload.get("name", "points") for r in step_results), "points")
+
+
+def is_amg(plan: dict[str, Any], step_results: list[StepResult]) -> bool:
+    return workload_name(plan, step_results) == "amg"
 
 
 def _size(plan: dict[str, Any], step_results: list[StepResult]) -> str:
-    """The workload's size for the verdict: the batch size, or the generator's grid and filters."""
+    """The workload's size for the verdict: the batch size, the clicks, or the generator's grid and filters."""
+    if workload_name(plan, step_results) == "interactive":
+        return INTERACTIVE_SIZE
     if not is_amg(plan, step_results):
         return f"batch size {plan.get('batch_size')}"
     w = plan.get("workload") or next(r.workload for r in step_results if r.is_amg)

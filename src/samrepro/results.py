@@ -42,8 +42,10 @@ class StepResult:
     images: int = 0
     prompts_per_image: float = 0.0
     img_s: float | None = None
-    latency_ms_p50: float | None = None  # per image
+    latency_ms_p50: float | None = None  # per image (interactive: a new image's encoder call and first click)
     latency_ms_p90: float | None = None
+    click_ms_p50: float | None = None  # the interactive workload: one prompt decoded alone (null otherwise)
+    click_ms_p90: float | None = None
     encoder_ms: float | None = None  # image encoder time per image (its batch's encoder time / real images)
     encoder_tflop_s: float | None = None  # samrepro.flops' count of the unpatched encoder / encoder time
     peak_mem_mib: float | None = None  # CUDA max allocated, or CPU peak RSS

@@ -75,13 +75,13 @@ def run_ablation(
         plan: a Plan, a plan file, or a plan name in ablations/ (default: amg for the amg workload, else blog on
             cuda, cpu on cpu).
         patches: instead of a plan, fp32 then one step per patch; a patch that cannot run here is an error.
-        batch_size: images per encoder batch (None: 8); the amg workload runs one image at a time.
+        batch_size: images per encoder batch (None: 8); the amg and interactive workloads run one image at a time.
         prompts: at most this many prompts per image (None: all).
         weights: "random", a checkpoint path, or None: tiny's shipped weights, random for the vit_* models.
         force: rerun steps whose results already exist.
         track: log the results folder to MLflow at the end.
-        workload: "points" (the prompted workload) or "amg" (workloads.py); workload_options: its options, e.g.
-            {"points_per_side": 8} for amg.
+        workload: "points" (the prompted workload), "amg" or "interactive" (workloads.py); workload_options: its
+            options, e.g. {"points_per_side": 8} for amg.
     """
     ab = ablation.prepare(
         model, device, plan, patches, mode, batch_size, images, prompts, weights, data, results_dir, workload,

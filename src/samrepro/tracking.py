@@ -50,6 +50,8 @@ METRICS = (
     "img_s",
     "latency_ms_p50",
     "latency_ms_p90",
+    "click_ms_p50",  # the interactive workload's (absent from the others)
+    "click_ms_p90",
     "encoder_ms",
     "encoder_tflop_s",
     "peak_mem_mib",

@@ -12,7 +12,7 @@ from typing import Any
 
 from segment_anything.modeling import Sam
 
-from samrepro import amg, bench, flops
+from samrepro import amg, bench, flops, interactive
 from samrepro.amg_compare import AmgOutputs
 from samrepro.amg_compare import deviation as amg_deviation
 from samrepro.compare import Outputs, deviation
@@ -20,7 +20,7 @@ from samrepro.results import StepResult
 from samrepro.spec import StepSpec
 from samrepro.workload import Sample
 
-POINTS, AMG = "points", "amg"
+POINTS, AMG, INTERACTIVE = "points", "amg", "interactive"
 Progress = Callable[[int, int], None] | None
 
 
@@ -74,6 +74,28 @@ def _profile_amg(sam: Sam, spec: StepSpec, samples: list[Sample], trace: Path, t
     bench.profile_call(lambda: gen.generate(samples[0].image), sam.device, trace, table, snap)
 
 
+def _measure_interactive(sam: Sam, spec: StepSpec, samples: list[Sample], progress: Progress, warmup: int) -> Any:
+    return interactive.run(sam, samples, progress=progress, warmup=warmup)
+
+
+def _record_interactive(result: StepResult, out: interactive.InteractiveResult, spec: StepSpec) -> None:
+    clicks = out.run
+    result.images, result.prompts_per_image = out.images, len(clicks.click_ms) / out.images
+    result.img_s, result.compile_s = out.img_s, clicks.warmup_s
+    result.latency_ms_p50 = interactive.percentile(clicks.first_mask_ms, 50)
+    result.latency_ms_p90 = interactive.percentile(clicks.first_mask_ms, 90)
+    result.click_ms_p50 = interactive.percentile(clicks.click_ms, 50)
+    result.click_ms_p90 = interactive.percentile(clicks.click_ms, 90)
+    result.encoder_ms = sum(clicks.encoder_ms) / out.images
+    result.encoder_tflop_s = flops.tflop_s(spec.model, out.images, sum(clicks.encoder_ms) / 1e3)
+    result.peak_mem_mib, result.peak_mem_reserved_mib = clicks.peak_mem_mib, clicks.peak_mem_reserved_mib
+    result.miou_gt = out.miou_gt
+
+
+def _profile_interactive(sam: Sam, spec: StepSpec, samples: list[Sample], trace: Path, table: Path, snap: Path | None):
+    interactive.profile(sam, samples, trace, table, snap)
+
+
 def generator_kwargs(workload: dict[str, Any]) -> dict[str, Any]:
     """The generator's keyword arguments from a spec's resolved workload."""
     return {k: v for k, v in workload.items() if k != "name"}
@@ -102,9 +124,20 @@ WORKLOADS = {
         tolerance_keys=("amg_matched_miou_min", "amg_match_share_min", "embedding_sqnr_min_db"),
         profile=_profile_amg,
     ),
+    INTERACTIVE: Workload(
+        name=INTERACTIVE,
+        summary="batch 1: each image embedded, then each of its prompts decoded alone (click latency)",
+        measure=_measure_interactive,
+        record=_record_interactive,
+        outputs=interactive.InteractiveResult.outputs,
+        from_state=Outputs.from_state,
+        deviation=deviation,
+        tolerance_keys=("agreement_miou_min", "gt_miou_drop_max", "embedding_sqnr_min_db", "iou_pred_max_abs"),
+        profile=_profile_interactive,
+    ),
 }
 NAMES = tuple(WORKLOADS)
-OPTIONS = {POINTS: {}, AMG: amg.OPTIONS}  # what the command line may set for each, with defaults
+OPTIONS = {POINTS: {}, AMG: amg.OPTIONS, INTERACTIVE: {}}  # what the command line may set for each, with defaults
 
 
 def resolve(name: str, model: str, options: dict[str, int]) -> dict[str, Any]:
@@ -129,6 +162,8 @@ def flag(option: str) -> str:
 
 def describe(workload: dict[str, Any], batch_size: int) -> str:
     """The workload's size in a few words, for the runner's first line."""
+    if workload["name"] == INTERACTIVE:
+        return "interactive: batch 1, each prompt decoded alone"
     if workload["name"] != AMG:
         return f"batch {batch_size}"
     layers = workload["crop_n_layers"]

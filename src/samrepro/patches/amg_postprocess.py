@@ -164,6 +164,8 @@ PATCH = register_patch(
         apply_fn=_apply,
         tolerance=EXACT,  # upstream's masks, scores, boxes and RLEs, bit for bit
         touches_encoder=False,
-        unfit_workloads=(("points", "only the automatic mask generator (--workload amg) runs this code"),),
+        unfit_workloads=tuple(
+            (w, "only the automatic mask generator (--workload amg) runs this code") for w in ("points", "interactive")
+        ),
     )
 )
