@@ -78,6 +78,13 @@ def test_clicks_give_the_batched_workloads_masks(tiny_ref):
     assert one.images == 3 and len(one.run.click_ms) == sum(s.num_prompts for s in samples)
 
 
+def test_fewer_images_than_warm_up_runs_are_all_timed(tiny_ref):
+    samples = make_samples(**SAMPLES)[:2]
+    one = interactive.run(tiny_ref, samples, warmup=3)
+    assert one.images == 2 and len(one.run.click_ms) == sum(s.num_prompts for s in samples)
+    assert one.miou_gt is not None and [m.shape[0] for m in one.outputs().masks] == [s.num_prompts for s in samples]
+
+
 def test_gate_fails_on_a_broken_patch(tiny_ref):
     samples = make_samples(**SAMPLES)
     ref = interactive.run(tiny_ref, samples, warmup=0).outputs()

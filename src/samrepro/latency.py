@@ -127,16 +127,17 @@ def measure_latency(
         raise ValueError("no images to click on")
     source = reset_peak_memory(device)
     encoder_ms, click_ms, first_mask_ms, outputs, features = [], [], [], [], None
+    warm = samples[:warmup]  # fewer than `warmup` when there are fewer images
     start = time.perf_counter()
-    for i, sample in enumerate([*samples[:warmup], *samples]):
-        if i == warmup:
+    for i, sample in enumerate([*warm, *samples]):
+        if i == len(warm):
             warmup_s = time.perf_counter() - start
             if progress:
                 progress(0, len(samples))
         batch = make_batch([sample])
         feats, ms = timed_call(device, encode, batch)
         clicks = [timed_call(device, click, batch, feats, k) for k in range(sample.num_prompts)]
-        if i < warmup:
+        if i < len(warm):
             continue
         features = feats.float().cpu() if features is None else features
         encoder_ms.append(ms)
@@ -145,7 +146,7 @@ def measure_latency(
             first_mask_ms.append(ms + clicks[0][1])
         outputs.append([out for out, _ in clicks])
         if progress:
-            progress(i - warmup + 1, len(samples))
+            progress(i - len(warm) + 1, len(samples))
     alloc, reserved = peak_memory(device, source)
     return LatencyRun(
         encoder_ms, click_ms, first_mask_ms, outputs, features, warmup_s, alloc, reserved, memory_source=source
