@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from samrepro import models
 
@@ -37,3 +38,18 @@ def test_explicit_choices_and_clear_errors(tmp_path):
         models.load_model("tiny", weights=tmp_path / "missing.pth")
     label = models.load_model("tiny", weights="random", seed=3).weights_label
     assert label == "random(seed=3)"
+
+
+INITS = {n: getattr(torch.nn.init, n) for n in models.DRAWING_INITS}
+
+
+@pytest.mark.parametrize("name", ["tiny", "vit_b"])
+def test_skipped_inits_change_no_value(name):
+    """load_model builds without the drawing initialisers: every parameter and buffer is what the official init
+    followed by `randomize` gives, bit for bit."""
+    fast = models.load_model(name, weights="random", seed=3)
+    full = models.randomize(models.build(name), seed=3)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in full.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(fast.parameters(), full.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fast.buffers(), full.buffers(), strict=True))
+    assert {n: getattr(torch.nn.init, n) for n in models.DRAWING_INITS} == INITS  # put back after the build

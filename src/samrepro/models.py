@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from segment_anything import sam_model_registry
@@ -14,6 +17,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 MODELS = ("tiny", "vit_b", "vit_l", "vit_h")
+# The initialisers that draw random values while SAM's layers are built. Every value they draw is then overwritten,
+# by `randomize` or a checkpoint, so load_model skips them; LayerNorm's ones and zeros are kept.
+DRAWING_INITS = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_")
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")  # what every SAM state dict key starts with
 TINY_WEIGHTS = Path(__file__).parent / "weights" / "sam_tiny.safetensors"
 
@@ -53,6 +59,15 @@ def build_tiny() -> Sam:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     ).eval()
+
+
+@contextlib.contextmanager
+def drawing_inits_skipped() -> Iterator[None]:
+    """While building a model whose drawn values will all be replaced: vit_h builds in 0.05 s instead of 4.9 s (CPU)."""
+    with contextlib.ExitStack() as stack:
+        for fn in DRAWING_INITS:
+            stack.enter_context(mock.patch.object(nn.init, fn, lambda tensor, *args, **kwargs: tensor))
+        yield
 
 
 def build(name: str) -> Sam:
@@ -116,7 +131,8 @@ def load_model(name: str, device: str = "cpu", weights: str | Path | None = None
             cache and verified), a checkpoint path, or None:
             the shipped trained weights for `tiny`; other models need an explicit choice.
     """
-    sam = build(name)
+    with drawing_inits_skipped():
+        sam = build(name)  # every drawn value is replaced below: seeded ones, or a checkpoint's (loaded strictly)
     if weights is None:
         if name != "tiny":
             raise ValueError(f"{name} needs weights: a checkpoint path or 'random'")
