@@ -71,6 +71,15 @@ def sam(fp32_model):
     return copy.deepcopy(fp32_model)
 
 
+@pytest.fixture(scope="module")
+def step_env(tmp_path_factory):
+    """For a module whose tests spawn step processes: a fresh samrepro cache, one thread per process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAMREPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def make_samples(seed: int, batch_size: int, max_prompts: int, boxes: bool, multi_point: bool) -> list[Sample]:
     """Synthetic images with prompts drawn from their objects' visible masks."""
     from samrepro.data.synthetic import make_image

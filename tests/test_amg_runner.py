@@ -31,11 +31,8 @@ def ablate(folder, **kw) -> runner.Outcome:
 
 
 @pytest.fixture(scope="module")
-def amg_run(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAMREPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield ablate(tmp_path_factory.mktemp("amg") / "results", workload_options=GRID)
+def amg_run(tmp_path_factory, step_env):
+    return ablate(tmp_path_factory.mktemp("amg") / "results", workload_options=GRID)
 
 
 @pytest.mark.slow

@@ -30,14 +30,11 @@ SAMPLES = dict(seed=11, batch_size=3, max_prompts=3, boxes=False, multi_point=Fa
 
 
 @pytest.fixture(scope="module")
-def clicked(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAMREPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        folder = tmp_path_factory.mktemp("interactive") / "results"
-        yield runner.run_ablation(
-            "tiny", "cpu", plan=parse(PLAN), images=3, results_dir=folder, track=False, workload="interactive"
-        )
+def clicked(tmp_path_factory, step_env):
+    folder = tmp_path_factory.mktemp("interactive") / "results"
+    return runner.run_ablation(
+        "tiny", "cpu", plan=parse(PLAN), images=3, results_dir=folder, track=False, workload="interactive"
+    )
 
 
 @pytest.mark.slow

@@ -174,15 +174,7 @@ def ablate(plan: Path, folder: Path, **kw) -> runner.Outcome:
 
 
 @pytest.fixture(scope="module")
-def env_vars(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAMREPRO_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def e2e(tmp_path_factory, env_vars):
+def e2e(tmp_path_factory, step_env):
     """One real run: fp32, sync_free, a patch that is not registered, bf16 held to an impossible gate."""
     folder = tmp_path_factory.mktemp("e2e")
     plan = folder / "e2e.toml"
@@ -270,7 +262,7 @@ def test_a_result_of_another_patch_revision_is_not_kept(e2e, monkeypatch, tmp_pa
     assert rerun == ["step_01_sync_free.json", "step_03_strict.json"]  # the steps that apply sync_free
 
 
-def test_changed_weights_file_is_not_resumed(env_vars, monkeypatch, tmp_path):
+def test_changed_weights_file_is_not_resumed(step_env, monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
     plan, path = tmp_path / "p.toml", tmp_path / "w.safetensors"
@@ -303,7 +295,7 @@ def test_force_reruns_and_a_crash_is_recorded(e2e, monkeypatch, tmp_path):
     assert len(calls.read_text().split()) == len(ran) and again.results[2].status == "skipped"
 
 
-def test_bad_config_fails_fast_and_the_sweep_goes_on(env_vars, monkeypatch, tmp_path):
+def test_bad_config_fails_fast_and_the_sweep_goes_on(step_env, monkeypatch, tmp_path):
     plan = tmp_path / "bad.toml"
     plan.write_text(E2E_PLAN.replace('add = ["sync_free"]', 'add = ["sync_free"]\nconfig.sync_free.bogus = 1'))
     calls = fake_step(monkeypatch, tmp_path)
@@ -324,7 +316,7 @@ def test_step_process_records_its_own_exception(e2e, tmp_path):
     assert result.status == "failed" and "bogus" in result.reason and "Traceback" in result.error
 
 
-def test_patches_by_name_make_an_adhoc_plan(env_vars, monkeypatch, tmp_path):
+def test_patches_by_name_make_an_adhoc_plan(step_env, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     calls = fake_step(monkeypatch, tmp_path)
     outcome = runner.run_ablation(

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
@@ -76,10 +75,6 @@ def gt_miou(clicks: LatencyRun, samples: list[Sample]) -> float | None:
         if outs
     ]  # N per image
     return torch.cat(ious).mean().item() if ious else None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def profile(sam: Sam, samples: list[Sample], trace: Path, table: Path, snapshot: Path | None) -> None:

@@ -21,6 +21,8 @@ from samrepro.spec import StepSpec
 from samrepro.workload import Sample
 
 POINTS, AMG, INTERACTIVE = "points", "amg", "interactive"
+# The bounds checked on prompted masks (points and interactive workloads)
+PROMPT_MEASURES = ("agreement_miou_min", "gt_miou_drop_max", "embedding_sqnr_min_db", "iou_pred_max_abs")
 Progress = Callable[[int, int], None] | None
 
 
@@ -79,13 +81,11 @@ def _measure_interactive(sam: Sam, spec: StepSpec, samples: list[Sample], progre
 
 
 def _record_interactive(result: StepResult, out: interactive.InteractiveResult, spec: StepSpec) -> None:
-    clicks = out.run
-    result.images, result.prompts_per_image = out.images, len(clicks.click_ms) / out.images
+    clicks, stats = out.run, out.run.stats()
+    result.images, result.prompts_per_image = out.images, stats["clicks"] / out.images
     result.img_s, result.compile_s = out.img_s, clicks.warmup_s
-    result.latency_ms_p50 = interactive.percentile(clicks.first_mask_ms, 50)
-    result.latency_ms_p90 = interactive.percentile(clicks.first_mask_ms, 90)
-    result.click_ms_p50 = interactive.percentile(clicks.click_ms, 50)
-    result.click_ms_p90 = interactive.percentile(clicks.click_ms, 90)
+    result.latency_ms_p50, result.latency_ms_p90 = stats["first_mask_p50_ms"], stats["first_mask_p90_ms"]
+    result.click_ms_p50, result.click_ms_p90 = stats["click_p50_ms"], stats["click_p90_ms"]
     result.encoder_ms = sum(clicks.encoder_ms) / out.images
     result.encoder_tflop_s = flops.tflop_s(spec.model, out.images, sum(clicks.encoder_ms) / 1e3)
     result.peak_mem_mib, result.peak_mem_reserved_mib = clicks.peak_mem_mib, clicks.peak_mem_reserved_mib
@@ -110,7 +110,7 @@ WORKLOADS = {
         outputs=Outputs.of_bench,
         from_state=Outputs.from_state,
         deviation=deviation,
-        tolerance_keys=("agreement_miou_min", "gt_miou_drop_max", "embedding_sqnr_min_db", "iou_pred_max_abs"),
+        tolerance_keys=PROMPT_MEASURES,
         profile=_profile_points,
     ),
     AMG: Workload(
@@ -132,7 +132,7 @@ WORKLOADS = {
         outputs=interactive.InteractiveResult.outputs,
         from_state=Outputs.from_state,
         deviation=deviation,
-        tolerance_keys=("agreement_miou_min", "gt_miou_drop_max", "embedding_sqnr_min_db", "iou_pred_max_abs"),
+        tolerance_keys=PROMPT_MEASURES,
         profile=_profile_interactive,
     ),
 }
