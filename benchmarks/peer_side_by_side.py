@@ -12,6 +12,9 @@ Runs on any machine with a CUDA GPU and samrepro installed (`pip install -e .`),
         --samrepro-configs '{"compile": {"coordinate_descent_tuning": false}}'
     # the same with --model vit_h --images 48
     # interactive latency (samrepro.latency): batch 1, the encoder per image, then each prompt alone: --latency
+    # segment everything: --workload amg times each image's whole SamAutomaticMaskGenerator.generate (SAF: its own
+    # generator, process_batch_size 8 as in its amg_example; samrepro: AMG_STACK) and matches every official mask
+    # to the contender's best-IoU mask (samrepro.amg_compare); --points-per-side/-batch, --crop-n-layers as the runner
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
@@ -59,7 +62,8 @@ from types import ModuleType
 import torch
 from segment_anything import SamPredictor
 
-from samrepro import apply_patches, env, get_patch, load_model
+from samrepro import amg, apply_patches, env, get_patch, load_model
+from samrepro.amg_compare import mask_deviation
 from samrepro.bench import WARMUP_RUNS, Masks, forward, peak_memory, prepare, reset_peak_memory
 from samrepro.data import SIDE, noise_samples
 from samrepro.latency import measure_latency, official_driver
@@ -78,6 +82,9 @@ MIB = 1 << 20
 # (reports/2026-11-21-h100-fp8_fused-and-relgemm, reports/2026-11-22-h100-fp8-norm-fusion-and-peer)
 KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
+# ablations/amg.toml's last step: the generator reads all 3 masks per point and calls predict_torch, so
+# batched_decoder and best_mask_only have no part in it
+AMG_STACK = "bf16,sync_free,sdpa,triton_attn,compile_decoder,amg_postprocess,compile"
 
 
 def import_checkout(root: Path, package: str = SAF_PACKAGE) -> ModuleType:
@@ -147,8 +154,9 @@ def measure(make_batch, run_batch, samples: list[Sample], args, device: torch.de
     return stats | {"warmup_s": warmup_s} | memory, masks
 
 
-def saf_contender(args, device: torch.device, info: dict):
-    """SAF's fast model (its modules, bf16, compiled encoder) on the same weights, driven as eval_combo drives it."""
+def saf_model(args, device: torch.device, info: dict) -> tuple[ModuleType, torch.nn.Module]:
+    """SAF's package and its fast model (its modules, bf16, compiled encoder) on the same weights, built as its
+    build_sam_fast_* builds it."""
     if device.type != "cuda" and int(os.environ.get("SEGMENT_ANYTHING_FAST_USE_FLASH_4", "1")):
         raise PatchUnavailable(
             "SAF's bf16 attention calls flash_4, a Triton kernel registered for CUDA only "
@@ -164,7 +172,14 @@ def saf_contender(args, device: torch.device, info: dict):
     sam = builders._apply_eval_dtype_sam(sam.to(device), SAF_DTYPE)  # what build_sam_fast_* does, then compile
     if args.compile_mode != "none":
         sam.image_encoder = torch.compile(sam.image_encoder, mode=args.compile_mode)
-    info.update(dtype=str(SAF_DTYPE).removeprefix("torch."), compile_mode=args.compile_mode, decoder=args.saf_decoder)
+    info.update(dtype=str(SAF_DTYPE).removeprefix("torch."), compile_mode=args.compile_mode)
+    return saf, sam
+
+
+def saf_contender(args, device: torch.device, info: dict):
+    """SAF's fast model driven as eval_combo drives it."""
+    saf, sam = saf_model(args, device, info)
+    info["decoder"] = args.saf_decoder
     predictor, official = saf.SamPredictor(sam), SamPredictor(sam)  # the official one only for the input transform
 
     def make_batch(chunk):  # SAF's collate: image and coordinates in bf16, jagged prompts, all before the clock
@@ -207,10 +222,20 @@ def saf_contender(args, device: torch.device, info: dict):
     return (make_batch, encode, click) if args.latency else (make_batch, run_batch)
 
 
-def build(name: str, args, device: torch.device, record: dict):
-    """make_batch and run_batch of one contender; its model lives only in them, so it goes when they do."""
+def amg_generator(name: str, args, device: torch.device, record: dict):
+    """The contender's automatic mask generator: SAF's own (amg_example's process_batch_size) over SAF's model, the
+    official one over the official or patched model; all with the same settings."""
+    kwargs = amg.settings(args.model, args.amg_options)
+    record["amg_settings"] = kwargs
     if name == "saf":
-        return saf_contender(args, device, record)
+        saf, sam = saf_model(args, device, record)
+        record["process_batch_size"] = args.saf_process_batch_size
+        return saf.SamAutomaticMaskGenerator(sam, process_batch_size=args.saf_process_batch_size, **kwargs)
+    return amg.generator(samrepro_model(name, args, device, record), kwargs)
+
+
+def samrepro_model(name: str, args, device: torch.device, record: dict):
+    """The official model in fp32, or with samrepro's patches for the samrepro contender."""
     sam = load_model(args.model, str(device), "random", args.seed)
     record["weights"] = sam.weights_label
     if name == "samrepro":
@@ -218,6 +243,14 @@ def build(name: str, args, device: torch.device, record: dict):
         record["patches"] = patches  # and every config field, defaults included:
         record["configs"] = {n: get_patch(n).config_cls.from_dict(given.get(n, {})).to_dict() for n in patches}
         apply_patches(sam, patches, given)
+    return sam
+
+
+def build(name: str, args, device: torch.device, record: dict):
+    """make_batch and run_batch of one contender; its model lives only in them, so it goes when they do."""
+    if name == "saf":
+        return saf_contender(args, device, record)
+    sam = samrepro_model(name, args, device, record)
     predictor = SamPredictor(sam)  # the runner's workload (samrepro.bench): predict_torch per image
     if args.latency:
         return official_driver(sam, predictor, device)
@@ -242,6 +275,9 @@ def run_contender(name: str, samples: list[Sample], args, device: torch.device) 
         record["resident_before_mib"] = torch.cuda.memory_allocated(device) / MIB  # left by earlier contenders
     try:
         with contender_cwd(name, args) as cwd, contextlib.chdir(cwd):
+            if args.workload == "amg":
+                out = amg.time_generator(amg_generator(name, args, device, record), samples, device, warmup=args.warmup)
+                return record | amg_stats(out), out.masks
             contender = build(name, args, device, record)
             if args.latency:
                 run = measure_latency(*contender, samples, args.warmup, device)
@@ -261,6 +297,16 @@ def run_contender(name: str, samples: list[Sample], args, device: torch.device) 
             torch.cuda.empty_cache()
 
 
+def amg_stats(out: amg.AmgResult) -> dict:
+    """An AMG run's record: img/s, latency per image, warm-up, memory, masks per image."""
+    return {
+        "images": out.images, "prompts_per_image": out.prompts_per_image, "timed_s": out.timed_s,
+        "img_s": out.img_s, "latency_p50_ms": out.latency_pct(50), "latency_p90_ms": out.latency_pct(90),
+        "warmup_s": out.compile_s, "peak_mem_mib": out.peak_mem_mib, "peak_mem_reserved_mib": out.peak_mem_reserved_mib,
+        "memory_source": out.memory_source, "masks_per_image": out.masks_per_image,
+    }  # fmt: skip
+
+
 def agreement(ref: list[Masks], masks: list[Masks]) -> float:
     """Mean IoU over all prompts of best masks against the official fp32 ones."""
     return torch.cat([mask_iou(r.unpack(), m.unpack()) for r, m in zip(ref, masks, strict=True)]).mean().item()
@@ -275,6 +321,22 @@ def table(records: list[dict]) -> str:
         img_s, status = r.get("img_s"), r["status"] + (f": {r['reason']}" if r["reason"] else "")
         cells = [num(img_s, ".2f"), num(img_s and 1e3 / img_s, ".1f"), num(r.get("warmup_s"), ".1f")]
         cells += [num(r.get("peak_mem_mib"), ",.0f"), num(r.get("miou_agreement"), ".4f")]
+        lines.append(f"| {r['contender']} | " + " | ".join(cells) + f" | {status} |")
+    return "\n".join(lines)
+
+
+def amg_table(records: list[dict]) -> str:
+    def num(value, fmt=".2f"):
+        return "–" if value is None else format(value, fmt)
+
+    head = "| contender | img/s | p50 ms/img | p90 | masks/img | matched mIoU | matched ≥ 0.5 | warm-up s | peak MiB |"
+    head += " status |"
+    lines = [head, "|---" * 10 + "|"]
+    for r in records:
+        status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        cells = [num(r.get(k)) for k in ("img_s", "latency_p50_ms", "latency_p90_ms", "masks_per_image")]
+        cells += [num(r.get("amg_matched_miou"), ".4f"), num(r.get("amg_match_share"), ".3f")]
+        cells += [num(r.get("warmup_s"), ".1f"), num(r.get("peak_mem_mib"), ",.0f")]
         lines.append(f"| {r['contender']} | " + " | ".join(cells) + f" | {status} |")
     return "\n".join(lines)
 
@@ -305,14 +367,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="of the weights and the workload")
     p.add_argument("--warmup", type=int, default=WARMUP_RUNS, help="untimed runs of the first batch")
-    p.add_argument("--samrepro-patches", default=BEST, help="default: the fastest gated stack measured on the H100")
+    p.add_argument("--samrepro-patches", help="default: the fastest gated stack measured on the H100 (AMG: AMG_STACK)")
     p.add_argument("--samrepro-configs", type=json.loads, default={}, help='JSON, e.g. {"compile": {"mode": "..."}}')
     modes = ("max-autotune", "reduce-overhead", "default", "none")
     p.add_argument("--compile-mode", choices=modes, default="max-autotune", help="SAF's and samrepro's encoder")
     p.add_argument("--saf-decoder", choices=("nested", "loop"), default="nested", help="SAF's NT step, or per image")
     p.add_argument("--latency", action="store_true", help="batch 1: encoder and single-click latency p50/p90")
     p.add_argument("--saf-configs-dir", type=Path, help=f"SAF's cwd, to reuse its {FLASH_4_CONFIGS} (default: temp)")
+    p.add_argument("--workload", choices=("points", "amg"), default="points", help="amg: SamAutomaticMaskGenerator")
+    for option, default in amg.OPTIONS.items():
+        p.add_argument(f"--{option.replace('_', '-')}", type=int, default=default, help="--workload amg")
+    p.add_argument("--saf-process-batch-size", type=int, default=8, help="SAF's generator (its amg_example's value)")
     args = p.parse_args(argv)
+    if args.workload == "amg" and args.latency:
+        p.error("--latency times the point-prompt workload; --workload amg times each image's whole generate call")
+    args.amg_options = {k: getattr(args, k) for k in amg.OPTIONS}
+    if args.samrepro_patches is None:
+        args.samrepro_patches = AMG_STACK if args.workload == "amg" else BEST
     if args.latency:
         args.batch_size = 1
     args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
@@ -335,9 +406,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     fp32_reference_mode()  # the official contender is the TF32-off fp32 reference
     samples = noise_samples(args.images, args.prompts, args.seed)
-    keys = ("model", "device", "batch_size", "prompts", "images", "seed", "warmup", "latency")
+    keys = ("model", "device", "batch_size", "prompts", "images", "seed", "warmup", "latency", "workload")
     workload = {k: getattr(args, k) for k in keys}
     workload["inputs"] = f"seeded uint8 noise {SIDE}x{SIDE}, uniform single foreground points; random weights"
+    if args.workload == "amg":  # the generator's own grid: batch size and prompts take no part
+        workload |= {"amg_settings": amg.settings(args.model, args.amg_options), "batch_size": 1, "prompts": None}
     environment = env.capture() | {"saf": checkout_info(args.saf_dir) if args.saf_dir else None}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     records, ref = [], None
@@ -345,11 +418,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--- {name}", flush=True)
         record, masks = run_contender(name, samples, args, device)
         ref = masks if name == "official" else ref
-        if masks is not None and ref is not None:
+        if masks is not None and ref is not None and args.workload == "amg":
+            record |= mask_deviation(ref, masks)
+        elif masks is not None and ref is not None:
             record["miou_agreement"] = agreement(ref, masks)
         records.append(record)  # written after each contender: a run cut short keeps what it measured
         args.out.write_text(json.dumps({"workload": workload, "env": environment, "contenders": records}, indent=2))
-    print(latency_table(records) if args.latency else table(records))
+    print(amg_table(records) if args.workload == "amg" else latency_table(records) if args.latency else table(records))
     print(f"written: {args.out}")
 
 

@@ -143,3 +143,31 @@ def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
     args.saf_configs_dir = None
     with peer.contender_cwd("saf", args) as cwd:
         assert Path(cwd) != keep
+
+
+def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeypatch):
+    """--workload amg: the official generator over the official and the patched model, its masks matched to the
+    official ones; SAF's generator is skipped on the CPU for the reason its model is."""
+    monkeypatch.delenv("SEGMENT_ANYTHING_FAST_USE_FLASH_4", raising=False)
+    amg_args = ["--model", "vit_b", "--out", "x.json", "--device", "cpu", "--saf-dir", ".", "--workload", "amg"]
+    assert peer.parse_args(amg_args).samrepro_patches == peer.AMG_STACK.split(",")
+    args = peer.parse_args(
+        amg_args + ["--points-per-side", "4", "--warmup", "1", "--samrepro-patches", "bf16,amg_postprocess"]
+    )
+    args.model = "tiny"
+    samples = noise_samples(2, 1, seed=0, side=256)
+    ref_record, ref = peer.run_contender("official", samples, args, CPU)
+    record, masks = peer.run_contender("samrepro", samples, args, CPU)
+    assert ref_record["status"] == record["status"] == "ok"
+    assert ref_record["images"] == 2 and ref_record["prompts_per_image"] == 16 and len(ref) == len(masks) == 2
+    assert ref_record["amg_settings"]["pred_iou_thresh"] == 0.7  # the tiny model's filters
+    assert ref_record["latency_p50_ms"] <= ref_record["latency_p90_ms"]
+    assert peer.mask_deviation(ref, ref)["amg_mask_count_diff"] == 0
+    saf, none = peer.run_contender("saf", samples, args, CPU)
+    assert saf["status"] == "skipped" and "CUDA only" in saf["reason"] and none is None
+    text = peer.amg_table([ref_record, record | peer.mask_deviation(ref, masks), saf])
+    assert text.splitlines()[2].startswith("| official | ") and "| saf | – |" in text
+    with pytest.raises(SystemExit):
+        peer.parse_args(
+            ["--model", "vit_b", "--out", "x", "--contenders", "official", "--workload", "amg", "--latency"]
+        )

@@ -44,7 +44,7 @@ def generator(sam: Sam, kwargs: dict[str, Any]) -> SamAutomaticMaskGenerator:
     return SamAutomaticMaskGenerator(sam, **kwargs)
 
 
-def prompts_per_image(gen: SamAutomaticMaskGenerator) -> int:
+def prompts_per_image(gen: Any) -> int:
     """Grid points the generator decodes per image: layer i has 4**i crops, each with that layer's grid."""
     return sum(len(grid) * 4**i for i, grid in enumerate(gen.point_grids))
 
@@ -60,7 +60,7 @@ class AmgResult:
     peak_mem_reserved_mib: float | None
     memory_source: str
     masks: list[list[Rle]] = field(repr=False)  # per image, per mask
-    embeddings: torch.Tensor = field(repr=False)  # the first image's: 1, C, h, w fp32 (host)
+    embeddings: torch.Tensor | None = field(default=None, repr=False)  # the first image's: 1, C, h, w fp32 (host)
 
     @property
     def img_s(self) -> float:
@@ -89,12 +89,27 @@ def run(
     progress: Callable[[int, int], None] | None = None,
     warmup: int = WARMUP_RUNS,
 ) -> AmgResult:
-    """Time the generator over `samples` (their images only: prompts and ground truth are not used); call right
-    after loading and patching the model."""
+    """Time the official generator over `samples` (their images only: prompts and ground truth are not used); call
+    right after loading and patching the model."""
+    device = next(sam.parameters()).device
+    out = time_generator(generator(sam, kwargs), samples, device, clock, progress, warmup)
+    out.embeddings = first_embedding(sam, samples[0])
+    return out
+
+
+@torch.no_grad()
+def time_generator(
+    gen: Any,
+    samples: list[Sample],
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[int, int], None] | None = None,
+    warmup: int = WARMUP_RUNS,
+) -> AmgResult:
+    """Time any generator with the official `generate(image) -> list of dicts` (and `point_grids`) over `samples`;
+    the peak memory counts from here, so the model's weights are in it."""
     if not samples:
         raise ValueError("no images to benchmark")
-    device = next(sam.parameters()).device
-    gen = generator(sam, kwargs)
     memory_source = reset_peak_memory(device)
 
     sync(device)
@@ -128,7 +143,6 @@ def run(
         peak_mem_reserved_mib=reserved,
         memory_source=memory_source,
         masks=masks,
-        embeddings=first_embedding(sam, samples[0]),
     )
 
 

@@ -51,17 +51,20 @@ def matched_ious(ref: list[Rle], out: list[Rle]) -> np.ndarray:
     return ious.reshape(len(out), len(ref)).max(axis=0)
 
 
-def deviation(ref: AmgOutputs, out: AmgOutputs) -> dict[str, float | None]:
-    """Matched mIoU and matched share pooled over every fp32 mask of every image (None where fp32 kept no mask),
-    the mask-count difference per image (patched - fp32) and the SQNR of the first image's embedding; the keys
-    `metrics.check_tolerance` checks."""
-    best = [matched_ious(r, o) for r, o in zip(ref.masks, out.masks, strict=True)]
+def mask_deviation(ref: list[list[Rle]], out: list[list[Rle]]) -> dict[str, float | None]:
+    """Matched mIoU and matched share pooled over every fp32 mask of every image (None where fp32 kept no mask) and
+    the mask-count difference per image (patched - fp32); masks per image, per mask."""
+    best = [matched_ious(r, o) for r, o in zip(ref, out, strict=True)]
     best = np.concatenate(best) if best else np.zeros(0)
     found = best.size > 0
-    count_diff = sum(len(o) - len(r) for r, o in zip(ref.masks, out.masks)) / max(len(ref.masks), 1)
+    count_diff = sum(len(o) - len(r) for r, o in zip(ref, out)) / max(len(ref), 1)
     return {
         "amg_matched_miou": float(best.mean()) if found else None,
         "amg_match_share": float((best >= MATCH_IOU).mean()) if found else None,
         "amg_mask_count_diff": count_diff,
-        "embedding_sqnr_db": sqnr_db(ref.embeddings, out.embeddings),
     }
+
+
+def deviation(ref: AmgOutputs, out: AmgOutputs) -> dict[str, float | None]:
+    """mask_deviation and the SQNR of the first image's embedding: the keys `metrics.check_tolerance` checks."""
+    return mask_deviation(ref.masks, out.masks) | {"embedding_sqnr_db": sqnr_db(ref.embeddings, out.embeddings)}
