@@ -28,7 +28,30 @@ def test_compiled_decoder_agrees_with_eager(sam, stack):
         assert (o.iou_pred - r.iou_pred).abs().max().item() < 1e-4
 
 
-def test_config_refuses_cuda_graph_modes():
-    with pytest.raises(ValueError, match="default"):
+def test_config_refuses_cuda_graphs_for_dynamic_shapes():
+    with pytest.raises(ValueError, match="dynamic=True"):
         CompileDecoderConfig(mode="reduce-overhead")
+    static = CompileDecoderConfig(mode="reduce-overhead", dynamic=False)
+    assert CompileDecoderConfig.from_dict(static.to_dict()) == static
     assert CompileDecoderConfig.from_dict(CompileDecoderConfig().to_dict()) == CompileDecoderConfig()
+
+
+def test_static_decoder_compiles_once_per_prompt_count(sam):
+    """dynamic = false: the generator's fixed batch of prompts compiles once, and agrees with eager."""
+    sam.mask_decoder.to(torch.float32)
+    embeddings = torch.randn(1, 128, 16, 16)  # 1, C, h, w: the tiny model's embedding
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=(torch.rand(6, 1, 2) * 256, torch.ones(6, 1)), boxes=None, masks=None)
+        ref = sam.mask_decoder.predict_masks(embeddings, pe, sparse, dense)
+        torch._dynamo.reset()
+        with apply_patches(sam, ["compile_decoder"], {"compile_decoder": {"dynamic": False}}):
+            counts = torch._dynamo.utils.counters
+            counts.clear()
+            out = [sam.mask_decoder.predict_masks(embeddings, pe, sparse, dense) for _ in range(3)]
+            assert counts["stats"]["unique_graphs"] == 1
+            sam.mask_decoder.predict_masks(embeddings, pe, sparse[:5], dense[:5])  # another count: compiled anew
+            assert counts["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+    for masks, iou in out:  # 6, 4, h, w and 6, 4
+        assert (masks - ref[0]).abs().max().item() < 1e-3 and (iou - ref[1]).abs().max().item() < 1e-4
