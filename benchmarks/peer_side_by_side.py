@@ -226,6 +226,8 @@ def amg_generator(name: str, args, device: torch.device, record: dict):
     """The contender's automatic mask generator: SAF's own (amg_example's process_batch_size) over SAF's model, the
     official one over the official or patched model; all with the same settings."""
     kwargs = amg.settings(args.model, args.amg_options)
+    if name == "samrepro" and args.samrepro_points_per_batch:  # the masks do not depend on it, the memory does
+        kwargs["points_per_batch"] = args.samrepro_points_per_batch
     record["amg_settings"] = kwargs
     if name == "saf":
         saf, sam = saf_model(args, device, record)
@@ -378,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option, default in amg.OPTIONS.items():
         p.add_argument(f"--{option.replace('_', '-')}", type=int, default=default, help="--workload amg")
     p.add_argument("--saf-process-batch-size", type=int, default=8, help="SAF's generator (its amg_example's value)")
+    p.add_argument(
+        "--samrepro-points-per-batch", type=int, help="samrepro's generator only (SAF decodes 8 batches at once)"
+    )
     args = p.parse_args(argv)
     if args.workload == "amg" and args.latency:
         p.error("--latency times the point-prompt workload; --workload amg times each image's whole generate call")

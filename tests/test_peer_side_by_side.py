@@ -152,7 +152,9 @@ def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeyp
     amg_args = ["--model", "vit_b", "--out", "x.json", "--device", "cpu", "--saf-dir", ".", "--workload", "amg"]
     assert peer.parse_args(amg_args).samrepro_patches == peer.AMG_STACK.split(",")
     args = peer.parse_args(
-        amg_args + ["--points-per-side", "4", "--warmup", "1", "--samrepro-patches", "bf16,amg_postprocess"]
+        amg_args
+        + ["--points-per-side", "4", "--warmup", "1", "--samrepro-patches", "bf16,amg_postprocess"]
+        + ["--samrepro-points-per-batch", "8"]
     )
     args.model = "tiny"
     samples = noise_samples(2, 1, seed=0, side=256)
@@ -161,6 +163,7 @@ def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeyp
     assert ref_record["status"] == record["status"] == "ok"
     assert ref_record["images"] == 2 and ref_record["prompts_per_image"] == 16 and len(ref) == len(masks) == 2
     assert ref_record["amg_settings"]["pred_iou_thresh"] == 0.7  # the tiny model's filters
+    assert (ref_record["amg_settings"]["points_per_batch"], record["amg_settings"]["points_per_batch"]) == (64, 8)
     assert ref_record["latency_p50_ms"] <= ref_record["latency_p90_ms"]
     assert peer.mask_deviation(ref, ref)["amg_mask_count_diff"] == 0
     saf, none = peer.run_contender("saf", samples, args, CPU)
