@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from samrepro import workload
+from samrepro import amg, workload
+from samrepro.amg_compare import mask_deviation as amg_deviation
 from samrepro.metrics import mask_iou
 from samrepro.patches.compile_decoder import CompileDecoderConfig
 from samrepro.registry import apply_patches
@@ -55,3 +58,20 @@ def test_static_decoder_compiles_once_per_prompt_count(sam):
     torch._dynamo.reset()
     for masks, iou in out:  # 6, 4, h, w and 6, 4
         assert (masks - ref[0]).abs().max().item() < 1e-3 and (iou - ref[1]).abs().max().item() < 1e-4
+
+
+def test_generator_batches_compile_once_and_keep_the_masks(tiny_ref):
+    """The AMG plan's static decoder under the official generator: batches of 24, 24 and 16 points per image make two
+    graphs however many images follow, and every image's masks are eager's."""
+    sam = copy.deepcopy(tiny_ref)  # trained weights where shipped: the generator keeps masks to compare
+    samples = make_samples(3, batch_size=2, max_prompts=1, boxes=False, multi_point=False)
+    settings = amg.settings("tiny", {"points_per_side": 8, "points_per_batch": 24})  # 64 points: 24 + 24 + 16
+    eager = amg.run(sam, samples, settings, warmup=0)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    with apply_patches(sam, ["compile_decoder"], {"compile_decoder": {"dynamic": False}}):
+        compiled = amg.run(sam, samples, settings, warmup=0)
+    torch._dynamo.reset()
+    assert counts["stats"]["unique_graphs"] == 2
+    assert eager.masks_per_image > 0 and amg_deviation(eager.masks, compiled.masks)["amg_match_share"] == 1.0
