@@ -7,6 +7,7 @@
 #   attn     benchmarks/attn_bench.py ARGS (attention kernels at SAM's shapes)
 #   peer     benchmarks/peer_side_by_side.py ARGS (official vs segment-anything-fast vs samrepro)
 #   ablate   samrepro ablate ARGS (no tracking; results logged to MLflow afterwards with `samrepro log`)
+#   bench    the GPU microbenchmarks (benchmarks/micro -m cuda); the JSON in $OUT is this GPU's baseline to commit
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -46,6 +47,12 @@ case $part in
     mkdir -p "$OUT/saf_configs"; cp .peer/saf_configs/* "$OUT/saf_configs/" 2>/dev/null
     python3 benchmarks/peer_side_by_side.py --saf-dir .peer/segment-anything-fast --saf-configs-dir "$OUT/saf_configs" \
       --out "$OUT/peer.json" "$@" 2>&1 | tee "$OUT/peer.log"
+    ;;
+  bench)  # the timing options of `nox -s bench` (noxfile.py), with the baseline's file name for this GPU
+    baseline=$(python3 benchmarks/micro/baseline.py cuda) || exit 1
+    python3 -m pytest -p no:cacheprovider benchmarks/micro -m cuda --benchmark-min-time=0.01 --benchmark-disable-gc \
+      --benchmark-timer=time.perf_counter --benchmark-group-by=func --benchmark-sort=name \
+      --benchmark-json="$OUT/$(basename "$baseline")" "$@" 2>&1 | tee "$OUT/bench.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
