@@ -15,6 +15,8 @@ Runs on any machine with a CUDA GPU and samrepro installed (`pip install -e .`),
     # segment everything: --workload amg times each image's whole SamAutomaticMaskGenerator.generate (SAF: its own
     # generator, process_batch_size 8 as in its amg_example; samrepro: AMG_STACK) and matches every official mask
     # to the contender's best-IoU mask (samrepro.amg_compare); --points-per-side/-batch, --crop-n-layers as the runner
+    # With the random weights the filters keep no mask (vit_b on a CPU, 4² points: 0 per image), so the matched
+    # columns stay empty and each image's time is the encoder, the decoder and the filters, without NMS or RLEs
     # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
     # compares the fastest stack that keeps them
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
