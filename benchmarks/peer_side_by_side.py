@@ -235,10 +235,10 @@ def amg_generator(name: str, args, device: torch.device, record: dict):
         saf, sam = saf_model(args, device, record)
         record["process_batch_size"] = args.saf_process_batch_size
         return saf.SamAutomaticMaskGenerator(sam, process_batch_size=args.saf_process_batch_size, **kwargs)
-    return amg.generator(samrepro_model(name, args, device, record), kwargs)
+    return amg.generator(contender_model(name, args, device, record), kwargs)
 
 
-def samrepro_model(name: str, args, device: torch.device, record: dict):
+def contender_model(name: str, args, device: torch.device, record: dict):
     """The official model in fp32, or with samrepro's patches for the samrepro contender."""
     sam = load_model(args.model, str(device), "random", args.seed)
     record["weights"] = sam.weights_label
@@ -254,7 +254,7 @@ def build(name: str, args, device: torch.device, record: dict):
     """make_batch and run_batch of one contender; its model lives only in them, so it goes when they do."""
     if name == "saf":
         return saf_contender(args, device, record)
-    sam = samrepro_model(name, args, device, record)
+    sam = contender_model(name, args, device, record)
     predictor = SamPredictor(sam)  # the runner's workload (samrepro.bench): predict_torch per image
     if args.latency:
         return official_driver(sam, predictor, device)
