@@ -64,7 +64,7 @@ from types import ModuleType
 import torch
 from segment_anything import SamPredictor
 
-from samrepro import amg, apply_patches, env, get_patch, load_model
+from samrepro import amg, apply_patches, env, get_patch, load_model, plans
 from samrepro.amg_compare import mask_deviation
 from samrepro.bench import WARMUP_RUNS, Masks, forward, peak_memory, prepare, reset_peak_memory
 from samrepro.data import SIDE, noise_samples
@@ -84,9 +84,17 @@ MIB = 1 << 20
 # (reports/2026-11-21-h100-fp8_fused-and-relgemm, reports/2026-11-22-h100-fp8-norm-fusion-and-peer)
 KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
 BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
-# ablations/amg.toml's last step: the generator reads all 3 masks per point and calls predict_torch, so
+
+
+def plan_stack(name: str) -> str:
+    """The patches of a shipped plan's last step, all of its steps applied (comma-joined)."""
+    plan = plans.load(plans.shipped_plans_dir() / f"{name}.toml")
+    return ",".join(plans.resolve(plan, "cumulative", lambda _: None)[-1].patches)
+
+
+# the AMG plan's last step, read from it: the generator reads all 3 masks per point and calls predict_torch, so
 # batched_decoder and best_mask_only have no part in it
-AMG_STACK = "bf16,sync_free,sdpa,triton_attn,compile_decoder,amg_postprocess,compile"
+AMG_STACK = plan_stack("amg")
 
 
 def import_checkout(root: Path, package: str = SAF_PACKAGE) -> ModuleType:
@@ -426,10 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--- {name}", flush=True)
         record, masks = run_contender(name, samples, args, device)
         ref = masks if name == "official" else ref
-        if masks is not None and ref is not None and args.workload == "amg":
-            record |= mask_deviation(ref, masks)
-        elif masks is not None and ref is not None:
-            record["miou_agreement"] = agreement(ref, masks)
+        if masks is not None and ref is not None:
+            amg_run = args.workload == "amg"
+            record |= mask_deviation(ref, masks) if amg_run else {"miou_agreement": agreement(ref, masks)}
         records.append(record)  # written after each contender: a run cut short keeps what it measured
         args.out.write_text(json.dumps({"workload": workload, "env": environment, "contenders": records}, indent=2))
     print(amg_table(records) if args.workload == "amg" else latency_table(records) if args.latency else table(records))
