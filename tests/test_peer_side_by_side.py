@@ -1,4 +1,4 @@
-"""benchmarks/peer_side_by_side.py: the checkout loader, the workload and the measuring loop, on the CPU."""
+"""The peer side-by-side script (benchmarks/peer_*.py): checkout loader, workload, measuring loop, tables on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import peer_saf as saf
 from benchmarks import peer_side_by_side as peer
+from benchmarks import peer_tables as tables
 
 from samrepro.data import noise_samples
 
@@ -34,27 +36,27 @@ def clean_modules():
 def test_import_checkout_loads_from_the_checkout_and_leaves_sys_path(tmp_path, clean_modules):
     root = fake_checkout(tmp_path / "saf", "fake_saf", "checkout")
     before = list(sys.path)
-    module = peer.import_checkout(root, "fake_saf")
+    module = saf.import_checkout(root, "fake_saf")
     assert module.MARKER == "checkout"
     assert sys.path == before  # the checkout's own setup.py, experiments/, test/ cannot shadow anything
-    assert peer.import_checkout(root, "fake_saf") is module  # a second call reuses it
+    assert saf.import_checkout(root, "fake_saf") is module  # a second call reuses it
 
 
 def test_import_checkout_refuses_a_copy_from_elsewhere(tmp_path, clean_modules):
     other = fake_checkout(tmp_path / "site", "fake_saf", "installed")
-    peer.import_checkout(other, "fake_saf")  # stands for an installed copy imported earlier
+    saf.import_checkout(other, "fake_saf")  # stands for an installed copy imported earlier
     with pytest.raises(ImportError, match="not from the checkout"):
-        peer.import_checkout(fake_checkout(tmp_path / "saf", "fake_saf", "checkout"), "fake_saf")
+        saf.import_checkout(fake_checkout(tmp_path / "saf", "fake_saf", "checkout"), "fake_saf")
     with pytest.raises(FileNotFoundError, match="has no fake_saf"):
-        peer.import_checkout(tmp_path / "empty", "fake_saf")
+        saf.import_checkout(tmp_path / "empty", "fake_saf")
 
 
 def test_checkout_info_fingerprints_the_package(tmp_path):
     root = fake_checkout(tmp_path / "saf", "fake_saf", "a")
-    first = peer.checkout_info(root, "fake_saf")
+    first = saf.checkout_info(root, "fake_saf")
     assert first["commit"] is None  # no .git of its own
     (root / "fake_saf" / "inner.py").write_text("MARKER = 'b'\n")
-    assert peer.checkout_info(root, "fake_saf")["package_sha256"] != first["package_sha256"]
+    assert saf.checkout_info(root, "fake_saf")["package_sha256"] != first["package_sha256"]
 
 
 def test_parse_args_fills_compile_mode_and_decoder_defaults():
@@ -102,9 +104,9 @@ def test_contenders_on_tiny(monkeypatch):
     assert record["configs"]["bf16"]["coords_fp32"] is True  # every field recorded, defaults included
     assert ref_record["images"] == 3 and len(ref) == 3 and ref[0].shape == (2, 256, 256)
     assert peer.agreement(ref, ref) == 1.0 and 0.5 < peer.agreement(ref, masks) <= 1.0
-    saf, none = peer.run_contender("saf", samples, args, CPU)
-    assert saf["status"] == "skipped" and "CUDA only" in saf["reason"] and none is None
-    text = peer.table([ref_record | {"miou_agreement": 1.0}, saf])
+    saf_record, none = peer.run_contender("saf", samples, args, CPU)
+    assert saf_record["status"] == "skipped" and "CUDA only" in saf_record["reason"] and none is None
+    text = tables.table([ref_record | {"miou_agreement": 1.0}, saf_record])
     assert "| official |" in text and "| saf | – |" in text
 
 
@@ -125,7 +127,7 @@ def test_latency_mode_clicks_one_prompt_at_a_time_on_tiny():
     _, batched = peer.run_contender("official", samples, args, CPU)
     assert [m.shape for m in clicked] == [(2, 256, 256)] * 3
     assert peer.agreement(batched, clicked) == 1.0
-    text = peer.latency_table([record | {"miou_agreement": 1.0}])
+    text = tables.latency_table([record | {"miou_agreement": 1.0}])
     assert text.splitlines()[2].startswith("| official | ") and "1.0000 | ok |" in text
 
 
@@ -134,8 +136,8 @@ def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
     args = peer.parse_args(["--model", "vit_b", "--out", "x", "--saf-dir", ".", "--saf-configs-dir", str(keep)])
     assert args.saf_configs_dir == keep.resolve()
     with peer.contender_cwd("saf", args) as cwd:
-        (cwd / peer.FLASH_4_CONFIGS).write_bytes(b"stands for flash_4's pickle")
-    assert (keep / peer.FLASH_4_CONFIGS).is_file()  # outlives the run, for the next one
+        (cwd / saf.FLASH_4_CONFIGS).write_bytes(b"stands for flash_4's pickle")
+    assert (keep / saf.FLASH_4_CONFIGS).is_file()  # outlives the run, for the next one
     with peer.contender_cwd("official", args) as cwd:
         temporary = Path(cwd)
         assert temporary.is_dir() and temporary != keep
@@ -166,9 +168,9 @@ def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeyp
     assert (ref_record["amg_settings"]["points_per_batch"], record["amg_settings"]["points_per_batch"]) == (64, 8)
     assert ref_record["latency_p50_ms"] <= ref_record["latency_p90_ms"]
     assert peer.mask_deviation(ref, ref)["amg_mask_count_diff"] == 0
-    saf, none = peer.run_contender("saf", samples, args, CPU)
-    assert saf["status"] == "skipped" and "CUDA only" in saf["reason"] and none is None
-    text = peer.amg_table([ref_record, record | peer.mask_deviation(ref, masks), saf])
+    saf_record, none = peer.run_contender("saf", samples, args, CPU)
+    assert saf_record["status"] == "skipped" and "CUDA only" in saf_record["reason"] and none is None
+    text = tables.amg_table([ref_record, record | peer.mask_deviation(ref, masks), saf_record])
     assert text.splitlines()[2].startswith("| official | ") and "| saf | – |" in text
     with pytest.raises(SystemExit):
         peer.parse_args(
