@@ -289,6 +289,18 @@ def test_a_small_encoder_share_and_emulated_bf16_are_named_as_limits(tmp_path):
     assert limits[1].startswith("- **This CPU has no bf16 instructions**") and "ATen's vector ISA: AVX512" in limits[1]
 
 
+def test_steps_past_the_encoder_bound_are_named_with_their_time_outside_the_encoder(tmp_path):
+    """A 2-core run where fp32 and sdpa met a busier machine than compile: compile's 1.51x is past the 1.28x that an
+    encoder patch could reach, and the report says where the time went instead of leaving the two side by side."""
+    results.write(step(0, "fp32", [], gate="skipped", img_s=26.67, encoder_ms=8.16), tmp_path)
+    results.write(step(1, "sdpa", ["sdpa"], img_s=26.19, encoder_ms=6.51), tmp_path)
+    results.write(step(2, "compile", ["sdpa", "compile"], img_s=40.35, encoder_ms=6.03), tmp_path)
+    text = write_report(tmp_path).read_text()
+    limit = text.split("## What limits the speed-ups\n\n")[1].split("\n\n")[0]
+    assert "at most 1.28x from them" in limit
+    assert "against `fp32`'s 29.3 ms: `compile` 1.51x (18.8 ms)." in limit and "`sdpa`" not in limit
+
+
 def test_no_limit_section_where_the_encoder_dominates_and_bf16_is_native(tmp_path):
     native = ENV | {"cpu_bf16": True}
     results.write(step(0, "fp32", [], gate="skipped", img_s=10.0, encoder_ms=90.0, env=native), tmp_path)

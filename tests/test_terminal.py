@@ -141,11 +141,12 @@ def test_the_summary_names_what_limits_the_speed_ups(capsys):
                           env={"cpu_bf16": False, "cpu_capability": "AVX512"})  # fmt: skip
 
     rows = [result(0, "fp32", [], 34.0, 8.0), result(1, "bf16", ["bf16"], 37.0, 10.6)]
-    conclude.summary(rows, {"fp32": 17.0, "bf16": 13.0})
+    rows.append(result(2, "compile", ["bf16", "compile"], 48.0, 6.0))  # 1.41x: past what the encoder allows
+    conclude.summary(rows, {"fp32": 17.0, "bf16": 13.0, "compile": 40.0})
     limits = [line for line in capsys.readouterr().err.splitlines() if line.startswith("limit: ")]
     assert limits == [
-        "limit: the image encoder is 27% of fp32's time per image: encoder patches can gain at most 1.37x here "
-        "(report: What limits the speed-ups)",
+        "limit: the image encoder is 27% of fp32's time per image: encoder patches can gain at most 1.37x here; "
+        "past it: compile 1.41x (their time outside the encoder changed) (report: What limits the speed-ups)",
         "limit: this CPU has no bf16 instructions (AVX512_BF16, AMX): bf16 steps are not expected to beat fp32 here "
         "(report: What limits the speed-ups)",
     ]

@@ -18,14 +18,14 @@ class Limit:
 
 def speed_limits(step_results: list[StepResult], base: StepResult | None) -> list[Limit]:
     """One Limit per bound that holds for this run; none when nothing stands out."""
-    return [limit for limit in (_encoder_share(base), _emulated_bf16(step_results)) if limit]
+    return [limit for limit in (_encoder_share(base, step_results), _emulated_bf16(step_results)) if limit]
 
 
 def markdown(limit: Limit) -> str:
     return f"- **{limit.headline}** {limit.detail}"
 
 
-def _encoder_share(base: StepResult | None) -> Limit | None:
+def _encoder_share(base: StepResult | None, step_results: list[StepResult]) -> Limit | None:
     if base is None or not base.img_s or not base.encoder_ms:
         return None
     per_image = 1000.0 / base.img_s  # ms
@@ -33,14 +33,32 @@ def _encoder_share(base: StepResult | None) -> Limit | None:
     if share >= 0.5:
         return None
     ceiling = 1 / (1 - share)
-    return Limit(
-        f"The image encoder is {share:.0%} of the time per image",
+    past = [(r, 1000.0 / r.img_s - r.encoder_ms) for r in step_results if _beyond(r, base, ceiling)]  # ms outside
+    detail = (
         f"in `{base.step}` ({base.encoder_ms:.1f} of {per_image:.1f} ms); the rest is the prompt encoder, the mask "
         f"decoder, upsampling and Python. Most patches speed up the encoder, so a run like this one gains at most "
-        f"{ceiling:.2f}x from them even with an encoder that takes no time.",
-        f"the image encoder is {share:.0%} of {base.step}'s time per image: encoder patches can gain at most "
-        f"{ceiling:.2f}x here",
+        f"{ceiling:.2f}x from them even with an encoder that takes no time."
     )
+    line = (
+        f"the image encoder is {share:.0%} of {base.step}'s time per image: encoder patches can gain at most "
+        f"{ceiling:.2f}x here"
+    )
+    if past:
+        outside = per_image - base.encoder_ms
+        steps = ", ".join(f"`{r.step}` {r.img_s / base.img_s:.2f}x ({ms:.1f} ms)" for r, ms in past)
+        detail += (
+            f" Past that bound, with their time per image outside the encoder against `{base.step}`'s "
+            f"{outside:.1f} ms: {steps}. That time changed between the steps: through a patch that works outside the "
+            "encoder (decoder, post-processing), or through the machine (a rerun tells which)."
+        )
+        line += "; past it: " + ", ".join(f"{r.step} {r.img_s / base.img_s:.2f}x" for r, _ in past)
+        line += " (their time outside the encoder changed)"
+    return Limit(f"The image encoder is {share:.0%} of the time per image", detail, line)
+
+
+def _beyond(r: StepResult, base: StepResult, ceiling: float) -> bool:
+    """A measured step faster than an encoder-only speed-up allows."""
+    return r is not base and r.status == "ok" and bool(r.img_s and r.encoder_ms) and r.img_s / base.img_s > ceiling
 
 
 def _emulated_bf16(step_results: list[StepResult]) -> Limit | None:
