@@ -33,7 +33,12 @@ def _encoder_share(base: StepResult | None, step_results: list[StepResult]) -> L
     if share >= 0.5:
         return None
     ceiling = 1 / (1 - share)
-    past = [(r, 1000.0 / r.img_s - r.encoder_ms) for r in step_results if _beyond(r, base, ceiling)]  # ms outside
+    # each step past the ceiling: its name, speed-up over base, and ms per image outside the encoder
+    past = [
+        (r.step, r.img_s / base.img_s, 1000.0 / r.img_s - r.encoder_ms)
+        for r in step_results
+        if _beyond(r, base, ceiling)
+    ]
     detail = (
         f"in `{base.step}` ({base.encoder_ms:.1f} of {per_image:.1f} ms); the rest is the prompt encoder, the mask "
         f"decoder, upsampling and Python. Most patches speed up the encoder, so a run like this one gains at most "
@@ -45,13 +50,13 @@ def _encoder_share(base: StepResult | None, step_results: list[StepResult]) -> L
     )
     if past:
         outside = per_image - base.encoder_ms
-        steps = ", ".join(f"`{r.step}` {r.img_s / base.img_s:.2f}x ({ms:.1f} ms)" for r, ms in past)
+        steps = ", ".join(f"`{step}` {x:.2f}x ({ms:.1f} ms)" for step, x, ms in past)
         detail += (
             f" Past that bound, with their time per image outside the encoder against `{base.step}`'s "
             f"{outside:.1f} ms: {steps}. That time changed between the steps: through a patch that works outside the "
             "encoder (decoder, post-processing), or through the machine (a rerun tells which)."
         )
-        line += "; past it: " + ", ".join(f"{r.step} {r.img_s / base.img_s:.2f}x" for r, _ in past)
+        line += "; past it: " + ", ".join(f"{step} {x:.2f}x" for step, x, _ in past)
         line += " (their time outside the encoder changed)"
     return Limit(f"The image encoder is {share:.0%} of the time per image", detail, line)
 
