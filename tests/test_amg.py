@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from samrepro import ablation, amg, cli, workloads
-from samrepro.amg_compare import AmgOutputs, deviation, matched_ious
+from samrepro.amg_compare import MIN_GATED_MASKS, AmgOutputs, deviation, matched_ious, ungated
+from samrepro.gates import check
 from samrepro.inputs import UsageError, unavailable
 from samrepro.metrics import check_tolerance
 from samrepro.patch import Tolerance, amg_bound
@@ -42,6 +43,28 @@ def test_deviation_pools_masks_over_images_and_counts_what_changed():
     assert measured["amg_mask_count_diff"] == pytest.approx(((1 - 2) + (3 - 1)) / 2)
     none = deviation(outputs([], []), outputs([a], []))
     assert none["amg_matched_miou"] is None and none["amg_match_share"] is None  # nothing to match: not gated
+
+
+def test_matched_measures_are_gated_only_over_enough_fp32_masks():
+    """Half the fp32 masks lost: below MIN_GATED_MASKS masks the gate shows it and passes on the SQNR (random ViT
+    weights keep a handful of masks, each near a threshold); from MIN_GATED_MASKS on it fails both bounds."""
+    a, far = box(0, 10, 0, 10), box(30, 40, 40, 50)
+
+    def lost_half(n: int) -> dict:
+        ref = [[a] for _ in range(n)]  # one fp32 mask per image
+        out = [[a] if i % 2 else [far] for i in range(n)]
+        return deviation(outputs(*ref), outputs(*out))
+
+    few, enough = lost_half(MIN_GATED_MASKS - 1), lost_half(MIN_GATED_MASKS)
+    assert few["amg_fp32_masks"] == MIN_GATED_MASKS - 1 and few["amg_match_share"] < 0.5
+    assert check(few, [get_patch("bf16")])[1] == []
+    assert f"kept {MIN_GATED_MASKS - 1} masks over 9 images, fewer than" in ungated(few, 9)
+    violations = check(enough, [get_patch("bf16")])[1]
+    assert [v.split(" =")[0] for v in violations] == ["amg_matched_miou", "amg_match_share"]
+    assert ungated(enough, 10) is None
+    assert ungated(deviation(outputs([]), outputs([a])), 1).startswith("the fp32 step kept no mask")
+    broken_sqnr = few | {"embedding_sqnr_db": 5.0}  # the SQNR stays gated below the mask count
+    assert [v.split(" =")[0] for v in check(broken_sqnr, [get_patch("bf16")])[1]] == ["embedding_sqnr_db"]
 
 
 def test_rle_round_trips_through_the_baseline_state():

@@ -19,6 +19,10 @@ from samrepro.amg import AmgResult, Rle
 from samrepro.metrics import sqnr_db
 
 MATCH_IOU = 0.5  # a fp32 mask counts as found when its best match reaches this IoU
+# Below this many fp32 masks, one lost mask moves the matched share by more than a tenth: the matched measures are
+# shown but not gated (random ViT weights keep a handful of masks, each near a filter's threshold)
+MIN_GATED_MASKS = 10
+MATCHED = ("amg_matched_miou", "amg_match_share")
 
 
 @dataclass
@@ -52,8 +56,8 @@ def matched_ious(ref: list[Rle], out: list[Rle]) -> np.ndarray:
 
 
 def mask_deviation(ref: list[list[Rle]], out: list[list[Rle]]) -> dict[str, float | None]:
-    """Matched mIoU and matched share pooled over every fp32 mask of every image (None where fp32 kept no mask) and
-    the mask-count difference per image (patched - fp32); masks per image, per mask."""
+    """Matched mIoU and matched share pooled over every fp32 mask of every image (None where fp32 kept no mask), the
+    number of fp32 masks, and the mask-count difference per image (patched - fp32); masks per image, per mask."""
     best = [matched_ious(r, o) for r, o in zip(ref, out, strict=True)]
     best = np.concatenate(best) if best else np.zeros(0)
     found = best.size > 0
@@ -62,7 +66,29 @@ def mask_deviation(ref: list[list[Rle]], out: list[list[Rle]]) -> dict[str, floa
         "amg_matched_miou": float(best.mean()) if found else None,
         "amg_match_share": float((best >= MATCH_IOU).mean()) if found else None,
         "amg_mask_count_diff": count_diff,
+        "amg_fp32_masks": int(best.size),
     }
+
+
+def gated(measured: dict[str, float | None]) -> dict[str, float | None]:
+    """`measured` as the gate checks it: without the matched measures where the fp32 run kept fewer than
+    MIN_GATED_MASKS masks (a points-workload deviation has no mask count and passes through)."""
+    if measured.get("amg_fp32_masks", MIN_GATED_MASKS) >= MIN_GATED_MASKS:
+        return measured
+    return {k: v for k, v in measured.items() if k not in MATCHED}
+
+
+def ungated(measured: dict[str, float | None], images: int) -> str | None:
+    """Why the matched measures went ungated (the fp32 run kept no mask, or too few), None where they were gated."""
+    n = measured["amg_fp32_masks"]
+    if not n:
+        return "the fp32 step kept no mask: matched mIoU and share not measured"
+    if n < MIN_GATED_MASKS:
+        return (
+            f"the fp32 step kept {n} masks over {images} images, fewer than {MIN_GATED_MASKS}: matched mIoU and "
+            "share shown, not gated (more images, or trained weights, give the gate masks to match)"
+        )
+    return None
 
 
 def deviation(ref: AmgOutputs, out: AmgOutputs) -> dict[str, float | None]:

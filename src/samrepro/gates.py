@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from samrepro import amg, snapshot, workload
-from samrepro.amg_compare import AmgOutputs
+from samrepro.amg_compare import AmgOutputs, gated
 from samrepro.amg_compare import deviation as amg_deviation
 from samrepro.equivalence import compare
 from samrepro.metrics import check_tolerance
@@ -38,10 +38,11 @@ def check(
     measures: tuple[str, ...] | None = None,
 ) -> tuple[Tolerance, list[str]]:
     """The gate: the tolerance `patches` are held to and the violations of it by `measured` (a `deviation`,
-    restricted to `measures` when given). The runner's steps and the equivalence tests both decide here."""
+    restricted to `measures` when given; AMG matched measures only over enough fp32 masks, `amg_compare.gated`).
+    The runner's steps and the equivalence tests both decide here."""
     tol = plan_tolerance(patches, bound, plainly)
     checked = measured if measures is None else {k: measured[k] for k in measures}
-    return tol, check_tolerance(checked, tol)
+    return tol, check_tolerance(gated(checked), tol)
 
 
 # Per-mask measures are statistics over prompts: a handful of prompts (one best-of-3 flip) says little, so the

@@ -18,6 +18,7 @@ from segment_anything.modeling import Sam
 
 import samrepro
 from samrepro import bench, env, gates, results
+from samrepro.amg_compare import ungated
 from samrepro.console import emit
 from samrepro.kernels import COUNTERS
 from samrepro.models import fp32_reference_mode, load_model
@@ -177,9 +178,10 @@ def gate(
     result.amg_matched_miou = measured.get("amg_matched_miou")
     result.amg_match_share = measured.get("amg_match_share")
     result.amg_mask_count_diff = measured.get("amg_mask_count_diff")
-    if work.name == AMG and result.amg_matched_miou is None:
-        lost = "the fp32 step kept no mask: matched mIoU and share not measured"
-        result.reason = f"{result.reason}; {lost}" if result.reason else lost
+    if work.name == AMG:
+        lost = ungated(measured, len(mine.masks))
+        if lost:
+            result.reason = f"{result.reason}; {lost}" if result.reason else lost
     result.gate = "fail" if result.gate_violations else "pass"
 
 
