@@ -46,14 +46,7 @@ def bench(session: nox.Session) -> None:
     found = session.run("python", "benchmarks/micro/baseline.py", device, silent=True)
     if found is None:  # --install-only: nothing runs
         return
-    baseline = found.strip()
-    timing = [
-        "benchmarks/micro", "-m", "cuda" if device == "cuda" else "not cuda",
-        "--benchmark-min-time=0.01", "--benchmark-disable-gc",  # rounds of >= 10 ms: short calls are batched
-        # CPU time on the CPU: time spent descheduled while other processes run is not the code's (docs/benchmarks.md)
-        "--benchmark-timer=" + ("time.perf_counter" if device == "cuda" else "time.process_time"),
-        "--benchmark-group-by=func", "--benchmark-sort=name", "--benchmark-columns=median,iqr,min,rounds,iterations",
-    ]  # fmt: skip
+    baseline, *timing = found.strip().splitlines()  # the path, then the timing options (benchmarks/micro/baseline.py)
     if record:
         session.run("pytest", *timing, f"--benchmark-json={baseline}", *args)
         return

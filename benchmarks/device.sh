@@ -48,11 +48,11 @@ case $part in
     python3 benchmarks/peer_side_by_side.py --saf-dir .peer/segment-anything-fast --saf-configs-dir "$OUT/saf_configs" \
       --out "$OUT/peer.json" "$@" 2>&1 | tee "$OUT/peer.log"
     ;;
-  bench)  # the timing options of `nox -s bench` (noxfile.py), with the baseline's file name for this GPU
-    baseline=$(python3 benchmarks/micro/baseline.py cuda) || exit 1
-    python3 -m pytest -p no:cacheprovider benchmarks/micro -m cuda --benchmark-min-time=0.01 --benchmark-disable-gc \
-      --benchmark-timer=time.perf_counter --benchmark-group-by=func --benchmark-sort=name \
-      --benchmark-json="$OUT/$(basename "$baseline")" "$@" 2>&1 | tee "$OUT/bench.log"
+  bench)  # the baseline's file name for this GPU and the timing options `nox -s bench` uses too
+    found=$(python3 benchmarks/micro/baseline.py cuda) || exit 1
+    mapfile -t timing <<<"$found"
+    python3 -m pytest -p no:cacheprovider "${timing[@]:1}" --benchmark-json="$OUT/$(basename "${timing[0]}")" "$@" 2>&1 \
+      | tee "$OUT/bench.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

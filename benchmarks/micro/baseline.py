@@ -5,7 +5,9 @@ pytest-benchmark's own storage files runs under a machine id of OS, interpreter 
 Baselines are named here instead, so a run is only ever compared with one from the same hardware:
 `benchmarks/baselines/cpu-<CPU model>-<N>cpus.json`, `benchmarks/baselines/cuda-<GPU name>.json`.
 
-`python benchmarks/micro/baseline.py cpu|cuda` prints the path (relative to the repository root).
+`python benchmarks/micro/baseline.py cpu|cuda` prints the path (relative to the repository root), then the pytest
+arguments of a timed run on that device, one per line: `nox -s bench` and `benchmarks/device.sh bench` both take them
+from here, so a baseline recorded by either compares with a run of the other.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def timing_args(device: str) -> list[str]:
+    """What every timed run on `device` passes to pytest: the benchmarks, their marker, pytest-benchmark's timing."""
+    return [
+        "benchmarks/micro", "-m", "cuda" if device == "cuda" else "not cuda",
+        "--benchmark-min-time=0.01", "--benchmark-disable-gc",  # rounds of >= 10 ms: short calls are batched
+        # CPU time on the CPU: time spent descheduled while other processes run is not the code's (docs/benchmarks.md)
+        "--benchmark-timer=" + ("time.perf_counter" if device == "cuda" else "time.process_time"),
+        "--benchmark-group-by=func", "--benchmark-sort=name", "--benchmark-columns=median,iqr,min,rounds,iterations",
+    ]  # fmt: skip
+
+
 def baseline_path(device: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", hardware(device).lower()).strip("-")
     return BASELINES / f"{device}-{slug}.json"
@@ -48,4 +61,4 @@ def baseline_path(device: str) -> Path:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in DEVICES:
         raise SystemExit(f"usage: python {sys.argv[0]} {'|'.join(DEVICES)}")
-    print(baseline_path(sys.argv[1]))
+    print(baseline_path(sys.argv[1]), *timing_args(sys.argv[1]), sep="\n")
