@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from samrepro import report, results, runner, step, tracking
+from samrepro.amg_compare import MIN_GATED_MASKS
 from samrepro.plans import parse
 from tests.test_runner import fake_step
 
@@ -49,6 +50,8 @@ def test_amg_steps_are_measured_and_gated(amg_run):
     assert base.gate == "skipped" and base.amg_matched_miou is None
     assert sync.amg_matched_miou == sync.amg_match_share == 1.0 and sync.amg_mask_count_diff == 0.0
     assert sync.embedding_sqnr_db == math.inf and sync.gate == "pass"
+    assert sync.amg_fp32_masks == base.amg_masks_per_image * base.images  # what the matched measures are over
+    assert (sync.amg_fp32_masks < MIN_GATED_MASKS) == ("not gated" in (sync.reason or ""))
     assert set(bf16.tolerance) == {"amg_matched_miou_min", "amg_match_share_min", "embedding_sqnr_min_db"}
     assert bf16.gate == "pass" and bf16.amg_matched_miou >= bf16.tolerance["amg_matched_miou_min"]
     state = torch.load(amg_run.results_dir / step.BASELINE, weights_only=True)

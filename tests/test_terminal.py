@@ -116,6 +116,19 @@ def test_events_are_dropped_when_no_runner_listens(monkeypatch):
             {"status": "ok", "img_s": 5.0, "gate": "fail", "gate_violations": ["miou_agreement = 0.5, needs >= 0.9"]},
             "step 02 sdpa: 5.00 img/s, 0.50x fp32, gate FAIL: miou_agreement = 0.5, needs >= 0.9",
         ),
+        (
+            {
+                "status": "ok",
+                "img_s": 5.0,
+                "gate": "pass",
+                "amg_masks_per_image": 0.2,
+                "amg_matched_miou": 0.5,
+                "amg_match_share": 0.5,
+                "amg_fp32_masks": 6,
+            },
+            "step 02 sdpa: 5.00 img/s, 0.50x fp32, 0.2 masks/image, matched mIoU 0.5000, 50% matched, "
+            "masks not gated (fp32 kept 6, the gate needs 10), gate PASS",
+        ),
     ],
 )
 def test_result_lines(fields, line):

@@ -60,6 +60,7 @@ class StepResult:
     amg_matched_miou: float | None = None
     amg_match_share: float | None = None
     amg_mask_count_diff: float | None = None
+    amg_fp32_masks: int | None = None  # the fp32 masks matched against; too few and they are not gated
     tolerance: dict[str, float] = field(default_factory=dict)  # what the gate checked
     tolerance_source: str = ""  # declared, or tightened by a plan bound calibrated on this workload
     gate_violations: list[str] = field(default_factory=list)

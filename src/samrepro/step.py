@@ -178,6 +178,7 @@ def gate(
     result.amg_matched_miou = measured.get("amg_matched_miou")
     result.amg_match_share = measured.get("amg_match_share")
     result.amg_mask_count_diff = measured.get("amg_mask_count_diff")
+    result.amg_fp32_masks = measured.get("amg_fp32_masks")
     if work.name == AMG:
         lost = ungated(measured, len(mine.masks))
         if lost:
