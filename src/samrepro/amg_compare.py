@@ -73,7 +73,8 @@ def mask_deviation(ref: list[list[Rle]], out: list[list[Rle]]) -> dict[str, floa
 def gated(measured: dict[str, float | None]) -> dict[str, float | None]:
     """`measured` as the gate checks it: without the matched measures where the fp32 run kept fewer than
     MIN_GATED_MASKS masks (a points-workload deviation has no mask count and passes through)."""
-    if measured.get("amg_fp32_masks", MIN_GATED_MASKS) >= MIN_GATED_MASKS:
+    masks = measured.get("amg_fp32_masks")
+    if masks is None or masks >= MIN_GATED_MASKS:
         return measured
     return {k: v for k, v in measured.items() if k not in MATCHED}
 
