@@ -66,7 +66,7 @@ def test_amg_report_and_tracking(amg_run):
     runs = tracking.step_runs(results.read_all(amg_run.results_dir), {"data": "synthetic"})
     sync = runs[1]
     assert sync.params["workload.name"] == "amg" and sync.params["workload.points_per_side"] == "4"
-    assert {"amg_matched_miou", "amg_match_share", "amg_mask_count_diff", "amg_masks_per_image"} <= {
+    assert {"amg_matched_miou", "amg_match_share", "amg_mask_count_diff", "amg_masks_per_image", "amg_fp32_masks"} <= {
         k for k, _, _ in sync.metrics
     }
 

@@ -64,6 +64,7 @@ METRICS = (
     "amg_matched_miou",
     "amg_match_share",
     "amg_mask_count_diff",
+    "amg_fp32_masks",
 )
 # What the runs table shows as columns; speedup is img_s over the fp32 step's, gate_pass 1/0 (none when skipped).
 TABLE_METRICS = (
