@@ -50,8 +50,8 @@ case $part in
     ;;
   bench)  # the baseline's file name for this GPU and the timing options `nox -s bench` uses too
     found=$(python3 benchmarks/micro/baseline.py cuda) || exit 1
-    mapfile -t timing <<<"$found"
-    python3 -m pytest -p no:cacheprovider "${timing[@]:1}" --benchmark-json="$OUT/$(basename "${timing[0]}")" "$@" 2>&1 \
+    mapfile -t run <<<"$found"  # the baseline's path, then the timing options
+    python3 -m pytest -p no:cacheprovider "${run[@]:1}" --benchmark-json="$OUT/$(basename "${run[0]}")" "$@" 2>&1 \
       | tee "$OUT/bench.log"
     ;;
   *) echo "unknown part $part"; exit 2 ;;

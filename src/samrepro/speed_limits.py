@@ -33,12 +33,13 @@ def _encoder_share(base: StepResult | None, step_results: list[StepResult]) -> L
     if share >= 0.5:
         return None
     ceiling = 1 / (1 - share)
-    # each step past the ceiling: its name, speed-up over base, and ms per image outside the encoder
-    past = [
-        (r.step, r.img_s / base.img_s, 1000.0 / r.img_s - r.encoder_ms)
-        for r in step_results
-        if _beyond(r, base, ceiling)
-    ]
+    past = []  # each measured step past the ceiling: its name, speed-up over base, ms per image outside the encoder
+    for r in step_results:
+        if r is base or r.status != "ok" or not (r.img_s and r.encoder_ms):
+            continue
+        speedup = r.img_s / base.img_s
+        if speedup > ceiling:
+            past.append((r.step, speedup, 1000.0 / r.img_s - r.encoder_ms))
     detail = (
         f"in `{base.step}` ({base.encoder_ms:.1f} of {per_image:.1f} ms); the rest is the prompt encoder, the mask "
         f"decoder, upsampling and Python. Most patches speed up the encoder, so a run like this one gains at most "
@@ -59,11 +60,6 @@ def _encoder_share(base: StepResult | None, step_results: list[StepResult]) -> L
         line += "; past it: " + ", ".join(f"{step} {x:.2f}x" for step, x, _ in past)
         line += " (their time outside the encoder changed)"
     return Limit(f"The image encoder is {share:.0%} of the time per image", detail, line)
-
-
-def _beyond(r: StepResult, base: StepResult, ceiling: float) -> bool:
-    """A measured step faster than an encoder-only speed-up allows."""
-    return r is not base and r.status == "ok" and bool(r.img_s and r.encoder_ms) and r.img_s / base.img_s > ceiling
 
 
 def _emulated_bf16(step_results: list[StepResult]) -> Limit | None:
