@@ -1,4 +1,4 @@
-"""Official SAM fp32, segment-anything-fast's fast model and samrepro's best plan, side by side in one process.
+"""Official SAM fp32, segment-anything-fast's fast model and samrepro's two best stacks, side by side in one process.
 
 Same seeded random weights and workload for all: 1024x1024 seeded noise images, B per encoder batch, then P
 single-point prompts per image through the decoder (multimask_output=True, best of 3 by predicted IoU, threshold 0).
@@ -17,8 +17,8 @@ Runs on any machine with a CUDA GPU and samrepro installed (`pip install -e .`),
     # to the contender's best-IoU mask (samrepro.amg_compare); --points-per-side/-batch, --crop-n-layers as the runner
     # With the random weights the filters keep no mask (vit_b on a CPU, 4² points: 0 per image), so the matched
     # columns stay empty and each image's time is the encoder, the decoder and the filters, without NMS or RLEs
-    # BEST changes the encoder weights (fp8_fused, with its own tolerance); --samrepro-patches KEEP_WEIGHTS's list
-    # compares the fastest stack that keeps them
+    # two samrepro contenders: samrepro runs BEST, which changes the encoder weights (fp8_fused, with its own
+    # tolerance), samrepro-keep KEEP_WEIGHTS, the fastest stack that keeps them (--samrepro-patches, --keep-patches)
     # samrepro's prompt encoder and mask decoder run in fp16 unless --samrepro-configs gives bf16 another decoder
     # (its agreement: vit_b 0.959 with a bf16 decoder, 0.989 with fp16, at the same speed;
     # reports/2026-11-21-h100-decoder-precision-and-bs1-waterfalls).
@@ -63,13 +63,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from benchmarks.peer_saf import FLASH_4_CONFIGS, checkout_info, saf_contender, saf_model  # noqa: E402
 from benchmarks.peer_tables import amg_table, latency_table, table  # noqa: E402
 
-CONTENDERS = ("official", "saf", "samrepro")  # the default order; official runs first: its masks are the reference
+# the default order; official runs first: its masks are the reference. samrepro runs --samrepro-patches (default
+# BEST), samrepro-keep --keep-patches (default KEEP_WEIGHTS): both stacks in one run
+CONTENDERS = ("official", "saf", "samrepro", "samrepro-keep")
+AMG_CONTENDERS = ("official", "saf", "samrepro")  # AMG_STACK keeps the weights already
 MIB = 1 << 20
 # beyond.toml's compile_decoder step, the fastest stack that changes no weights (fold_attn lost to the one-hot-bias
 # kernel: vit_h 64.10 with it, 64.66 without; reports/2026-11-21-h100-onehot-kernel-and-peer); BEST adds fp8_fused
 # (reports/2026-11-21-h100-fp8_fused-and-relgemm, reports/2026-11-22-h100-fp8-norm-fusion-and-peer)
-KEEP_WEIGHTS = "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,compile"
-BEST = KEEP_WEIGHTS.replace(",compile_decoder,", ",compile_decoder,fp8_fused,")
+KEEP_WEIGHTS = (
+    "bf16,sync_free,sdpa,triton_attn,batched_decoder,channels_last,best_mask_only,compile_decoder,gelu_epilogue,compile"
+)
+BEST = KEEP_WEIGHTS.replace(",gelu_epilogue,", ",fp8_fused,")  # fp8_fused computes GELU in lin2's quantization
 
 
 def plan_stack(name: str) -> str:
@@ -123,7 +128,7 @@ def amg_generator(name: str, args, device: torch.device, record: dict):
     """The contender's automatic mask generator: SAF's own (amg_example's process_batch_size) over SAF's model, the
     official one over the official or patched model; all with the same settings."""
     kwargs = amg.settings(args.model, args.amg_options)
-    if name == "samrepro" and args.samrepro_points_per_batch:  # the masks do not depend on it, the memory does
+    if name in args.stacks and args.samrepro_points_per_batch:  # the masks do not depend on it, the memory does
         kwargs["points_per_batch"] = args.samrepro_points_per_batch
     record["amg_settings"] = kwargs
     if name == "saf":
@@ -137,8 +142,9 @@ def contender_model(name: str, args, device: torch.device, record: dict):
     """The official model in fp32, or with samrepro's patches for the samrepro contender."""
     sam = load_model(args.model, str(device), "random", args.seed)
     record["weights"] = sam.weights_label
-    if name == "samrepro":
-        patches, given = args.samrepro_patches, args.samrepro_configs
+    if name in args.stacks:
+        patches = args.stacks[name]
+        given = {n: c for n, c in args.samrepro_configs.items() if n in patches}  # configs may name either stack's
         record["patches"] = patches  # and every config field, defaults included:
         record["configs"] = {n: get_patch(n).config_cls.from_dict(given.get(n, {})).to_dict() for n in patches}
         apply_patches(sam, patches, given)
@@ -217,13 +223,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saf-dir", type=Path, help="segment-anything-fast checkout (needed for the saf contender)")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", help=f"of {','.join(CONTENDERS)}; default all (AMG: {','.join(AMG_CONTENDERS)})")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prompts", type=int, default=8, help="single-point prompts per image")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="of the weights and the workload")
     p.add_argument("--warmup", type=int, default=WARMUP_RUNS, help="untimed runs of the first batch")
-    p.add_argument("--samrepro-patches", help="default: the fastest gated stack measured on the H100 (AMG: AMG_STACK)")
+    p.add_argument("--samrepro-patches", help="default: BEST, the fastest gated stack (AMG: AMG_STACK)")
+    p.add_argument("--keep-patches", default=KEEP_WEIGHTS, help="samrepro-keep's: the fastest that changes no weights")
     p.add_argument("--samrepro-configs", type=json.loads, default={}, help='JSON, e.g. {"compile": {"mode": "..."}}')
     modes = ("max-autotune", "reduce-overhead", "default", "none")
     p.add_argument("--compile-mode", choices=modes, default="max-autotune", help="SAF's and samrepro's encoder")
@@ -245,15 +252,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.samrepro_patches = AMG_STACK if args.workload == "amg" else BEST
     if args.latency:
         args.batch_size = 1
+    if args.contenders is None:
+        args.contenders = ",".join(AMG_CONTENDERS if args.workload == "amg" else CONTENDERS)
     given = [c for c in args.contenders.split(",") if c in CONTENDERS]  # in the order given, the reference first
     args.contenders = sorted(dict.fromkeys(given), key=lambda c: c != "official")
     args.samrepro_patches = [n for n in args.samrepro_patches.split(",") if n]
-    if "samrepro" in args.contenders and "compile" in args.samrepro_patches:
+    stacks = {"samrepro": args.samrepro_patches, "samrepro-keep": [n for n in args.keep_patches.split(",") if n]}
+    args.stacks = {name: stacks[name] for name in args.contenders if name in stacks}
+    running = {n for patches in args.stacks.values() for n in patches}
+    if "compile" in running:
         if args.compile_mode == "none":
-            p.error("--compile-mode none: drop compile from --samrepro-patches")
+            p.error("--compile-mode none: drop compile from --samrepro-patches and --keep-patches")
         args.samrepro_configs.setdefault("compile", {}).setdefault("mode", args.compile_mode)
-    if "samrepro" in args.contenders and "bf16" in args.samrepro_patches:  # as in the blog plans (fp16 decoder)
+    if "bf16" in running:  # as in the blog plans (fp16 decoder)
         args.samrepro_configs.setdefault("bf16", {}).setdefault("decoder", "float16")
+    unused = sorted(set(args.samrepro_configs) - running)
+    if unused and args.stacks:
+        p.error(f"--samrepro-configs: {unused} are in no stack that runs")
     if "saf" in args.contenders and args.saf_dir is None:
         p.error("the saf contender needs --saf-dir")
     args.out, args.saf_dir = args.out.resolve(), args.saf_dir and args.saf_dir.resolve()  # contenders run elsewhere

@@ -176,3 +176,34 @@ def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeyp
         peer.parse_args(
             ["--model", "vit_b", "--out", "x", "--contenders", "official", "--workload", "amg", "--latency"]
         )
+
+
+def test_both_stacks_run_in_one_run_each_with_its_own_configs():
+    """By default samrepro (BEST, weights changed) and samrepro-keep (KEEP_WEIGHTS) both run; a config is handed to
+    the stack that has its patch, and a config for a patch in no running stack is refused."""
+    args = peer.parse_args(["--model", "vit_b", "--out", "x", "--saf-dir", "."]
+                           + ["--samrepro-configs", '{"fp8_fused": {"fast_accum": false}}'])  # fmt: skip
+    assert args.contenders == ["official", "saf", "samrepro", "samrepro-keep"]
+    assert args.stacks == {"samrepro": peer.BEST.split(","), "samrepro-keep": peer.KEEP_WEIGHTS.split(",")}
+    assert "fp8_fused" in args.stacks["samrepro"] and "gelu_epilogue" in args.stacks["samrepro-keep"]
+    amg_args = peer.parse_args(["--model", "vit_b", "--out", "x", "--saf-dir", ".", "--workload", "amg"])
+    assert amg_args.contenders == ["official", "saf", "samrepro"]
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--model", "vit_b", "--out", "x", "--contenders", "official,samrepro-keep"]
+                        + ["--samrepro-configs", '{"fp8_fused": {}}'])  # fmt: skip
+
+
+def test_keep_stack_gets_only_its_own_configs(monkeypatch):
+    """The samrepro-keep contender on tiny: its record names its own stack; a config of the other stack's patch
+    (fp8_fused) does not reach it."""
+    args = peer.parse_args(
+        ["--model", "vit_b", "--out", "x.json", "--device", "cpu", "--contenders", "samrepro,samrepro-keep"]
+        + ["--warmup", "1", "--batch-size", "2", "--samrepro-patches", "bf16,fp8_fused", "--keep-patches", "bf16"]
+        + ["--samrepro-configs", '{"fp8_fused": {"fast_accum": false}}']
+    )
+    args.model = "tiny"
+    samples = noise_samples(2, 1, seed=0, side=256)
+    record, masks = peer.run_contender("samrepro-keep", samples, args, CPU)
+    assert record["status"] == "ok" and record["patches"] == ["bf16"] and list(record["configs"]) == ["bf16"]
+    skipped, _ = peer.run_contender("samrepro", samples, args, CPU)
+    assert skipped["status"] == "skipped" and "cuda" in skipped["reason"]

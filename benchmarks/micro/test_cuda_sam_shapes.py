@@ -52,7 +52,7 @@ def test_encoder_attention(sam_bf16, measure, case):
 @pytest.mark.parametrize("variant", [UPSTREAM, *linear_weight_patches(DEVICE)])
 def test_encoder_mlp(sam_bf16, measure, variant):
     """norm2 and the MLP of one block over 16 x 64 x 64 tokens: the Linears the weight patches replace (int8_dynamic,
-    fp8, fp8_fused with its GELU and LayerNorm fused in, sparse24)."""
+    fp8, fp8_fused with its GELU and LayerNorm fused in, sparse24) and gelu_epilogue (lin1 and GELU in one GEMM)."""
     block = sam_bf16.image_encoder.blocks[0]
     x = encoder_tokens(sam_bf16.image_encoder, BATCH)  # 16, 64, 64, C
     with patched(sam_bf16, variant):

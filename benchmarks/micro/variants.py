@@ -48,7 +48,7 @@ def decoder_attention_patches(device: str) -> list[str]:
 
 
 def linear_weight_patches(device: str) -> list[str]:
-    """Patches that take over the encoder Linear weights (int8_dynamic, fp8, fp8_fused, sparse24)."""
+    """Patches that take over the encoder Linears (int8_dynamic, fp8, fp8_fused, sparse24, gelu_epilogue)."""
     return [name for name in runnable(device) if WEIGHTS_SLOT in samrepro.get_patch(name).slots]
 
 

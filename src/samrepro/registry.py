@@ -31,6 +31,7 @@ PATCH_ORDER = (
     "best_mask_only",
     "compile_decoder",
     "amg_postprocess",
+    "gelu_epilogue",
     "int8_dynamic",
     "fp8",
     "fp8_fused",

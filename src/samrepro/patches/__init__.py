@@ -11,6 +11,7 @@ import samrepro.patches.flex_attn
 import samrepro.patches.fold_attn
 import samrepro.patches.fp8
 import samrepro.patches.fp8_fused
+import samrepro.patches.gelu_epilogue
 import samrepro.patches.int8_dynamic
 import samrepro.patches.sdpa
 import samrepro.patches.sparse24
