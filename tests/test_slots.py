@@ -66,7 +66,7 @@ def test_built_in_slots():
             holders.setdefault(slot, []).append(name)
     assert holders == {
         "encoder attention kernel": ["triton_attn", "flex_attn"],
-        "encoder linear weights": ["int8_dynamic", "fp8", "fp8_fused", "sparse24"],
+        "encoder linear weights": ["gelu_epilogue", "int8_dynamic", "fp8", "fp8_fused", "sparse24"],
     }
 
 
