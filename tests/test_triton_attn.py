@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 
 import samrepro
 from samrepro.patch import PatchError, PatchUnavailable, Undo
@@ -97,6 +98,38 @@ def tables_error(rpa, batch, heads, kh, kw, d, bm, bn, dtype, split=False, devic
     return (out.double() - ref.to(device)).abs().max().item()
 
 
+# name: (images, height, width, heads, head_dim, window, dtype): images of tokens cut into windows in place
+WINDOW_CASES = {
+    "tiny_16x16_w6": (2, 16, 16, 2, 16, 6, "float32"),  # padded to 18x18 at the bottom and right
+    "odd_13x10_w7_d20": (1, 13, 10, 1, 20, 7, "float32"),  # unequal sides, head dim 20 (-> 32, or 16 + 16 split)
+    "unpadded_12x12_w6": (1, 12, 12, 2, 32, 6, "float32"),
+    "vit_h_like_16x20_w6_d80_bf16": (1, 16, 20, 1, 80, 6, "bfloat16"),
+}
+
+
+def windows_error(rpa, images, height, width, heads, d, window, dtype, split=False, device="cpu") -> float:
+    """`rel_pos_attention_windows` on a (images, height, width) qkv against the path it replaces: padded with the
+    qkv bias (upstream's zero tokens after norm1), `window_partition`, the float64 reference per window with the
+    tables' terms, `window_unpartition`."""
+    gen = torch.Generator().manual_seed(5)
+    dt, channels = getattr(torch, dtype), heads * d
+    qkv = torch.randn(images, height, width, 3 * channels, generator=gen).to(dt)
+    bias = torch.randn(3 * channels, generator=gen).to(dt)
+    table_h, table_w = ((torch.randn(2 * window - 1, d, generator=gen) * d**-0.5).to(dt) for _ in range(2))
+    qkv, bias, table_h, table_w = (t.to(device) for t in (qkv, bias, table_h, table_w))
+    out = torch.ops.samrepro.rel_pos_attention_windows(qkv, bias, table_h, table_w, heads, d**-0.5, 0, 0, 0, 0, split)
+    padded_hw = (-(-height // window) * window, -(-width // window) * window)
+    padded = bias.double().expand(images, *padded_hw, -1).clone()
+    padded[:, :height, :width] = qkv.double()
+    windows, _ = window_partition(padded, window)  # images * windows, window, window, 3C
+    q, k, v = windows.flatten(1, 2).unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4).unbind(0)  # n, heads, w², d
+    terms = rel_pos_terms(q, table_h.double(), table_w.double(), (window, window), (window, window))
+    terms = [t.flatten(2, 3).to(dt).double() for t in terms]  # rounded to q's dtype, as the kernel rounds them
+    ref = rpa.reference(q, k, v, *terms, d**-0.5).transpose(1, 2).reshape(-1, window, window, channels)
+    ref = window_unpartition(ref, window, padded_hw, (height, width))  # images, height, width, C
+    return (out.double() - ref).abs().max().item()
+
+
 def widen_bf16_dots() -> None:
     """Triton 3.6's interpreter multiplies bf16 dot operands as raw uint16 bits; widen them to fp32 (exact)."""
     from triton.runtime.interpreter import InterpreterBuilder
@@ -125,6 +158,8 @@ def interpreter_checks() -> dict:
     res["onehot_split"] = {name: case_error(rpa, *CASES[name], split=True, bias="onehot") for name in SPLIT}
     res["tables"] = {name: tables_error(rpa, *case) for name, case in CASES.items()}
     res["tables_split"] = {name: tables_error(rpa, *CASES[name], split=True) for name in SPLIT}
+    res["windows"] = {name: windows_error(rpa, *case) for name, case in WINDOW_CASES.items()}
+    res["windows_split"] = {name: windows_error(rpa, *case, split=True) for name, case in WINDOW_CASES.items()}
     fixed, rpa._rel_bias = rpa._rel_bias, published_rel_bias  # the interpreter looks helpers up at run time
     res["published"] = {name: case_error(rpa, *CASES[name], bias="gather") for name in PUBLISHED_INDEX}
     rpa._rel_bias = fixed
@@ -218,6 +253,15 @@ def test_rel_terms_from_the_tables_match_reference(interp, mode, case):
     """The kernel computing the rel terms itself (one dot of q against each table, then each query's offsets)."""
     err = interp[mode][case]
     assert err <= TOL[CASES[case][-1]], f"{case} {mode}: max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["windows", "windows_split"])
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_windows_read_in_place_match_the_partitioned_path(interp, mode, case):
+    """Windows found in the unpadded image, the padding's k and v from the bias: what partition, pad and unpartition
+    around the tables kernel give."""
+    err = interp[mode][case]
+    assert err <= TOL[WINDOW_CASES[case][-1]], f"{case} {mode}: max abs error {err:.3g}"
 
 
 def test_split_options_choose_the_blocks_that_split(interp):
@@ -317,6 +361,19 @@ def test_tables_kernel_matches_reference_on_gpu(device, case, split):
     assert err <= TOL[GPU_CASES[case][-1]], f"{case} split={split}: max abs error {err:.3g}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", ["vit_b", "vit_h"])
+def test_windows_kernel_matches_the_partitioned_path_on_gpu(device, model):
+    """SAM's windowed blocks at 1024 px: a 64² image in 25 windows of 14², the last row and column padded."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda")
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    heads, d = {"vit_b": (12, 64), "vit_h": (16, 80)}[model]
+    err = windows_error(rpa, 2, 64, 64, heads, d, 14, "bfloat16", split=model == "vit_h", device=device)
+    assert err <= TOL["bfloat16"], f"{model}: max abs error {err:.3g}"
+
+
 def test_patch_is_skipped_on_cpu_with_its_reason():
     patch = samrepro.get_patch("triton_attn")
     assert patch.unavailable_reason("cpu") == "needs device cuda, got cpu"
@@ -384,12 +441,17 @@ def test_tables_path_hands_the_kernel_row_major_qkv(monkeypatch):
         ("bf16", 14, 14, 80, 90, True, "onehot", False),
         ("bf16", 14, 14, 64, 90, False, "onehot", True),
         ("bf16", 14, 14, 80, 90, True, "onehot", True),
+        ("bf16", 14, 14, 64, 90, False, "onehot", "windows"),
+        ("bf16", 14, 14, 80, 90, True, "onehot", "windows"),
+        ("fp16", 14, 14, 80, 80, True, "onehot", "windows"),
     ],
     ids=["vit_b_global_sm90", "vit_h_window_sm80", "vit_h_global_sm90", "vit_h_window_split_sm90", "onehot_h_win_sm80",
-         "onehot_b_win_sm90", "onehot_h_win_split_sm90", "tables_b_win_sm90", "tables_h_win_split_sm90"],
+         "onehot_b_win_sm90", "onehot_h_win_split_sm90", "tables_b_win_sm90", "tables_h_win_split_sm90",
+         "image_windows_b_sm90", "image_windows_h_split_sm90", "image_windows_h_split_sm80"],
 )  # fmt: skip
 def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split, bias, tables):
-    """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs)."""
+    """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs).
+    `tables` "windows": the tables path reading 25 windows of 14² from a 64² image in place."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -402,8 +464,12 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
     consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
     consts |= {"ONEHOT": bias == "onehot", "KHP": rpa.dot_dim(kh), "KWP": rpa.dot_dim(kw), "REL_PRECISION": precision}
-    consts |= {"TABLES": tables, "LHP": rpa.dot_dim(2 * kh - 1), "LWP": rpa.dot_dim(2 * kw - 1)}
-    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
+    consts |= {"TABLES": bool(tables), "LHP": rpa.dot_dim(2 * kh - 1), "LWP": rpa.dot_dim(2 * kw - 1)}
+    windows = tables == "windows"
+    consts |= {"WINDOWS": windows, "IMG_H": 64 * windows, "IMG_W": 64 * windows, "NWH": 5 if windows else 1}
+    consts |= {"NWW": 5 if windows else 1}
+    names = kernel.arg_names
+    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
     signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})
     compiled = triton.compile(src, GPUTarget("cuda", arch, 32), {"num_warps": warps, "num_stages": stages})

@@ -108,8 +108,23 @@ def _table_terms(
 
 
 @triton.jit
+def _tokens(
+    idx, n, wy, wx, KH: tl.constexpr, KW: tl.constexpr, WINDOWS: tl.constexpr, IMG_H: tl.constexpr,
+    IMG_W: tl.constexpr,
+):  # fmt: skip
+    """(token index, whether the token exists) of the grid indices idx < n. Tokens in grid order: the index itself.
+    WINDOWS: the (wy, wx) window of a row-major (IMG_H, IMG_W) image, whose edge windows hang over the image
+    (upstream pads it there); a token exists where its window position lies inside the image."""
+    token, exists = idx, idx < n
+    if WINDOWS:
+        row, col = (wy * KH + idx // KW).to(tl.int32), (wx * KW + idx % KW).to(tl.int32)
+        token, exists = row * IMG_W + col, exists & (row < IMG_H) & (col < IMG_W)
+    return token, exists
+
+
+@triton.jit
 def _rel_pos_attention_fwd(
-    q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, kb_ptr, vb_ptr,
     qk_scale, N_Q, HEADS,
     sq_b, sq_h, sq_n, sq_d,
     sk_b, sk_h, sk_n, sk_d,
@@ -119,6 +134,7 @@ def _rel_pos_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr, ONEHOT: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr, REL_PRECISION: tl.constexpr,
     TABLES: tl.constexpr, LHP: tl.constexpr, LWP: tl.constexpr,
+    WINDOWS: tl.constexpr, IMG_H: tl.constexpr, IMG_W: tl.constexpr, NWH: tl.constexpr, NWW: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M queries of one (batch, head) against all KH * KW keys, online softmax in base 2.
 
@@ -127,30 +143,42 @@ def _rel_pos_attention_fwd(
     from `_onehot_bias` (ONEHOT) or per-key loads (`_rel_bias`); a key block that is one full grid row (BLOCK_N == KW)
     reuses the same rel_w slice every step, loaded once. TABLES (with ONEHOT, queries on the key grid): rh_ptr and
     rw_ptr hold the (2 KH - 1, HEAD_DIM) and (2 KW - 1, HEAD_DIM) position tables, and `_table_terms` computes each
-    program's rel tiles from its own q."""
+    program's rel tiles from its own q.
+
+    WINDOWS (with TABLES): each "batch" is one of NWH x NWW windows of KH x KW tokens of one image, read from and
+    written to the unpadded (IMG_H, IMG_W) image in place (q, k, v, out strided per image token). Keys past the
+    image's edge are upstream's padding: zero tokens after norm1, so their k and v are qkv's bias (kb_ptr, vb_ptr:
+    (HEADS, HEAD_DIM) each); queries there are not stored."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
+    if WINDOWS:
+        img, win = b // (NWH * NWW), b % (NWH * NWW)
+        wy, wx = win // NWW, win % NWW
+    else:
+        img, wy, wx = b, 0, 0
     offs_m = (tl.program_id(0) % n_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
-    q_mask = offs_m < N_Q
+    tok_m, q_mask = _tokens(offs_m, N_Q, wy, wx, KH, KW, WINDOWS, IMG_H, IMG_W)
     d_mask, t_mask = offs_d < HEAD_DIM, offs_t < HEAD_DIM
     TAIL: tl.constexpr = HEAD_DIM > BLOCK_D
 
-    q_base = q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n
+    q_base = q_ptr + img * sq_b + h * sq_h + tok_m[:, None] * sq_n
     q_raw = tl.load(q_base + offs_d[None, :] * sq_d, mask=q_mask[:, None] & d_mask[None, :], other=0.0)  # BLOCK_M, D
     q = (q_raw.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # scores come out in log2 units
-    k_base = k_ptr + b * sk_b + h * sk_h + offs_n[None, :] * sk_n
-    v_base = v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n
-    k_tile, v_tile = k_base + offs_d[:, None] * sk_d, v_base + offs_d[None, :] * sv_d  # D, BLOCK_N; BLOCK_N, D
+    k_bh, v_bh = k_ptr + img * sk_b + h * sk_h, v_ptr + img * sv_b + h * sv_h
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)  # the tail's output columns (unused without a tail)
     if TAIL:
         q_t = tl.load(q_base + offs_t[None, :] * sq_d, mask=q_mask[:, None] & t_mask[None, :], other=0.0)
         q_t = (q_t.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # BLOCK_M, T
-        k_tile_t, v_tile_t = k_base + offs_t[:, None] * sk_d, v_base + offs_t[None, :] * sv_d  # T, BLOCK_N; BLOCK_N, T
+    if WINDOWS:  # the padding's k and v: one row of qkv's bias per head
+        kb = tl.load(kb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        vb = tl.load(vb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        kb_t = tl.load(kb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0)
+        vb_t = tl.load(vb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0)
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
     if TABLES:
@@ -172,10 +200,16 @@ def _rel_pos_attention_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
     for start_n in range(0, KH * KW, BLOCK_N):
         n_mask = start_n + offs_n < KH * KW
-        k = tl.load(k_tile + start_n * sk_n, mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        tok_n, in_image = _tokens(start_n + offs_n, KH * KW, wy, wx, KH, KW, WINDOWS, IMG_H, IMG_W)
+        k_cols, v_rows = k_bh + tok_n[None, :] * sk_n, v_bh + tok_n[:, None] * sv_n  # 1, BLOCK_N; BLOCK_N, 1
+        k = tl.load(k_cols + offs_d[:, None] * sk_d, mask=d_mask[:, None] & in_image[None, :], other=0.0)  # D, BLOCK_N
+        if WINDOWS:
+            k = tl.where(in_image[None, :], k, kb[:, None].to(k.dtype))
         s = tl.dot(q, k, input_precision=PRECISION)  # BLOCK_M, BLOCK_N
         if TAIL:
-            k_t = tl.load(k_tile_t + start_n * sk_n, mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+            k_t = tl.load(k_cols + offs_t[:, None] * sk_d, mask=t_mask[:, None] & in_image[None, :], other=0.0)
+            if WINDOWS:
+                k_t = tl.where(in_image[None, :], k_t, kb_t[:, None].to(k_t.dtype))
             s = tl.dot(q_t, k_t, s, input_precision=PRECISION)
         if ONEHOT:
             s += _onehot_bias(rh_t, rw_t, start_n, offs_n, KW, KHP, KWP, REL_PRECISION) * LOG2E
@@ -190,13 +224,17 @@ def _rel_pos_attention_fwd(
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_tile + start_n * sv_n, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_rows + offs_d[None, :] * sv_d, mask=in_image[:, None] & d_mask[None, :], other=0.0)  # BLOCK_N, D
+        if WINDOWS:
+            v = tl.where(in_image[:, None], v, vb[None, :].to(v.dtype))
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         if TAIL:
-            v_t = tl.load(v_tile_t + start_n * sv_n, mask=n_mask[:, None] & t_mask[None, :], other=0.0)
+            v_t = tl.load(v_rows + offs_t[None, :] * sv_d, mask=in_image[:, None] & t_mask[None, :], other=0.0)
+            if WINDOWS:
+                v_t = tl.where(in_image[:, None], v_t, vb_t[None, :].to(v_t.dtype))
             acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=PRECISION)
         m_i = m_new
-    o_base = o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n
+    o_base = o_ptr + img * so_b + h * so_h + tok_m[:, None] * so_n
     o_ty = o_ptr.dtype.element_ty
     row_mask = q_mask[:, None]
     tl.store(o_base + offs_d[None, :] * so_d, (acc / l_i[:, None]).to(o_ty), mask=row_mask & d_mask[None, :])
@@ -258,6 +296,13 @@ def _check_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_h: to
     if max(kh, kw) > 64:
         raise ValueError(f"rel_pos_attention_tables: grids of at most 64 x 64, got {kh} x {kw}")
     return kh, kw
+
+
+def _check_windows(q: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor) -> tuple[int, int]:
+    """(kh, kw) of the windows the position tables give; ValueError unless one window of q (B, heads, H * W, d)
+    fits the kernel with them, as `_check_tables` checks it."""
+    window = q[:, :, :1].expand(-1, -1, (len(table_h) + 1) // 2 * ((len(table_w) + 1) // 2), -1)  # B, heads, kh kw, d
+    return _check_tables(window, window, window, table_h, table_w)
 
 
 class Problem(NamedTuple):
@@ -471,8 +516,80 @@ def _(q, k, v, table_h, table_w, scale, block_m=0, block_n=0, num_warps=0, num_s
     return _empty_out(q)
 
 
-def _run(q, k, v, rel_h, rel_w, scale: float, kh: int, kw: int, launch: tuple, split_head: bool, tables: bool):
-    """Launch the kernel: rel_h, rel_w are the terms (B, heads, N_q, kh | kw), or the tables when `tables`."""
+def _window_inputs(qkv: torch.Tensor, qkv_bias: torch.Tensor, heads: int):
+    """q, k, v (B, heads, H * W, d) as views of the qkv Linear's output (B, H, W, 3 * heads * d), and the k and v
+    of a zero token (heads, d) from its bias; ValueError where the shapes do not fit."""
+    if qkv.dim() != 4 or heads < 1 or qkv.shape[-1] % (3 * heads) != 0:
+        raise ValueError(f"rel_pos_attention_windows: qkv must be (B, H, W, 3 * {heads} * d), got {tuple(qkv.shape)}")
+    batch, height, width, channels = qkv.shape
+    if qkv_bias.shape != (channels,) or qkv_bias.device != qkv.device:
+        raise ValueError(f"rel_pos_attention_windows: qkv_bias must be ({channels},) on {qkv.device}, got "
+                         f"{tuple(qkv_bias.shape)} on {qkv_bias.device}")  # fmt: skip
+    q, k, v = qkv.view(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, HW, d
+    _, k_pad, v_pad = qkv_bias.to(qkv.dtype).view(3, heads, -1).unbind(0)  # heads, d each
+    return q, k, v, k_pad, v_pad
+
+
+@torch.library.custom_op("samrepro::rel_pos_attention_windows", mutates_args=())
+def rel_pos_attention_windows_op(
+    qkv: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    heads: int,
+    scale: float,
+    block_m: int = 0,
+    block_n: int = 0,
+    num_warps: int = 0,
+    num_stages: int = 0,
+    split_head: bool = False,
+) -> torch.Tensor:
+    """SAM's windowed attention read from and written to the unpadded image: `rel_pos_attention_tables` on each
+    kh x kw window (kh, kw from the tables), the image padded at its bottom and right edges to whole windows as
+    upstream's `window_partition` does. Its padding tokens are zeros after norm1, so their k and v are the bias;
+    nothing is copied into windows and back, and qkv and proj run on the image's own tokens only.
+
+    Args:
+        qkv: (B, H, W, 3 * heads * d), the qkv Linear's output on the image (channels q | k | v, each heads-major).
+        qkv_bias: (3 * heads * d,), that Linear's bias.
+        table_h, table_w: (2 kh - 1, d), (2 kw - 1, d).
+    Returns:
+        (B, H, W, heads * d), channels heads-major as upstream's attention output before proj.
+    """
+    q, k, v, k_pad, v_pad = _window_inputs(qkv, qkv_bias, heads)
+    kh, kw = _check_windows(q, table_h, table_w)
+    fit = _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    _count(fit)
+    windows = ImageWindows(qkv.shape[1], qkv.shape[2], k_pad, v_pad)
+    out = _run(q, k, v, table_h.to(q.dtype), table_w.to(q.dtype), scale, kh, kw, fit.launch, fit.split, True, windows)
+    return out.transpose(1, 2).reshape(*qkv.shape[:3], -1)  # the kernel wrote (B, HW, heads, d): a view
+
+
+@rel_pos_attention_windows_op.register_fake
+def _(qkv, qkv_bias, table_h, table_w, heads, scale, block_m=0, block_n=0, num_warps=0, num_stages=0,
+      split_head=False):  # fmt: skip
+    q, _, _, _, _ = _window_inputs(qkv, qkv_bias, heads)
+    kh, kw = _check_windows(q, table_h, table_w)
+    _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    return qkv.new_empty(*qkv.shape[:3], q.shape[1] * q.shape[3])
+
+
+class ImageWindows(NamedTuple):
+    """`_run`'s q, k, v as tokens of unpadded (height, width) images, cut into the key grid's windows by the kernel,
+    and the (heads, d) k and v of the padding tokens where the edge windows hang over the image."""
+
+    height: int
+    width: int
+    k_pad: torch.Tensor
+    v_pad: torch.Tensor
+
+
+def _run(
+    q, k, v, rel_h, rel_w, scale: float, kh: int, kw: int, launch: tuple, split_head: bool, tables: bool,
+    windows: ImageWindows | None = None,
+):  # fmt: skip
+    """Launch the kernel: rel_h, rel_w are the terms (B, heads, N_q, kh | kw), or the tables when `tables`; with
+    `windows`, q, k, v are (B, heads, height * width, d) and every window of every image is one batch entry."""
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"rel_pos_attention runs on CUDA tensors (on CPU: TRITON_INTERPRET=1), not {q.device}")
     batch, heads, n_q, d = q.shape
@@ -480,10 +597,17 @@ def _run(q, k, v, rel_h, rel_w, scale: float, kh: int, kw: int, launch: tuple, s
     rel_dtype = torch.promote_types(rel_h.dtype, rel_w.dtype)  # the one-hot dots take one dtype; upcasting is exact
     COUNTERS[PATH] = COUNTERS.get(PATH, 0) + 1  # here, not in traced code: a dynamo-traced count would recompile
     out = _empty_out(q)
+    img_h = img_w = 0
+    n_wh = n_ww = 1
+    k_pad = v_pad = q  # not read outside window mode
+    if windows is not None:
+        img_h, img_w, k_pad, v_pad = windows
+        n_wh, n_ww, n_q = triton.cdiv(img_h, kh), triton.cdiv(img_w, kw), kh * kw
     block_d, block_t = head_blocks(d, split_head)
-    grid = (batch * heads * triton.cdiv(n_q, bm),)
+    grid = (batch * n_wh * n_ww * heads * triton.cdiv(n_q, bm),)
     _rel_pos_attention_fwd[grid](
         q, k, v, rel_h.to(rel_dtype).contiguous(), rel_w.to(rel_dtype).contiguous(), out,
+        k_pad.contiguous(), v_pad.contiguous(),
         scale * LOG2E.value, n_q, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_T=block_t,
@@ -491,6 +615,7 @@ def _run(q, k, v, rel_h, rel_w, scale: float, kh: int, kw: int, launch: tuple, s
         KHP=dot_dim(kh), KWP=dot_dim(kw),
         REL_PRECISION="ieee" if rel_dtype == torch.float32 else None,
         TABLES=tables, LHP=dot_dim(2 * kh - 1), LWP=dot_dim(2 * kw - 1),
+        WINDOWS=windows is not None, IMG_H=img_h, IMG_W=img_w, NWH=n_wh, NWW=n_ww,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

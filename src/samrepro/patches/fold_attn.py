@@ -82,6 +82,8 @@ def _apply(sam: Sam, config: FoldAttnConfig, undo: Undo) -> None:
         raise PatchError("fold_attn folds the rel-pos bias, but some encoder blocks have use_rel_pos=False")
     for block in layers:
         undo.setattr(block.attn, "forward", MethodType(encoder_attention_forward, block.attn))
+        if "forward" in vars(block):  # triton_attn's windowed blocks bypass attn.forward: upstream's flow again
+            undo.setattr(block, "forward", MethodType(image_encoder.Block.forward, block))
 
 
 PATCH = register_patch(
