@@ -109,3 +109,23 @@ def test_bad_config_and_missing_blocks_raise():
     encoder = SimpleNamespace(image_encoder=torch.nn.Sequential(block(16, 1, 4, (4, 4))))
     with pytest.raises(PatchError, match="found no such encoder blocks"):
         fold_attn.PATCH.apply_fn(encoder, FoldAttnConfig(blocks="global"), Undo())
+
+
+def test_windowed_blocks_folded_after_triton_attn_run_upstreams_block_forward(tiny_ref):
+    """triton_attn's windowed blocks skip `attn.forward`; fold_attn on them puts upstream's `Block.forward` back, so
+    its attention runs, and undo restores triton_attn's. No kernel runs here (the CUDA requirement is bypassed)."""
+    from samrepro.patches import triton_attn
+
+    sam, undo = copy.deepcopy(tiny_ref), Undo()
+    triton_attn.PATCH.apply_fn(sam, triton_attn.TritonAttnConfig(), undo)
+    windowed = [b for b in sam.image_encoder.blocks if b.window_size > 0]
+    kernel_forwards = [vars(b)["forward"] for b in windowed]
+    assert all(f.__func__ is not ie.Block.forward for f in kernel_forwards)
+    folded = Undo()
+    fold_attn.PATCH.apply_fn(sam, FoldAttnConfig(blocks="windowed"), folded)
+    assert all(vars(b)["forward"].__func__ is ie.Block.forward for b in windowed)
+    assert all(vars(b.attn)["forward"].__func__ is fold_attn.encoder_attention_forward for b in windowed)
+    folded.run()
+    assert [vars(b)["forward"] for b in windowed] == kernel_forwards
+    undo.run()
+    assert not any("forward" in vars(b) for b in sam.image_encoder.blocks)

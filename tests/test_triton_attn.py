@@ -487,7 +487,7 @@ def test_config_validates_and_round_trips():
     cfg = TritonAttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, bias="onehot", split_global=False)
     assert TritonAttnConfig.from_dict(cfg.to_dict()) == cfg and cfg.launch() == (64, 32, 4, 3, "onehot")
     bads = ({"block_n": 24}, {"block_m": 8}, {"block_n": 256}, {"num_warps": 3}, {"num_stages": -1}, {"bias": "dot"})
-    for bad in (*bads, {"split_windows": 1}, {"split_global": "yes"}):
+    for bad in (*bads, {"split_windows": 1}, {"split_global": "yes"}, {"image_windows": 0}):
         with pytest.raises(ValueError):
             TritonAttnConfig(**bad)
 
