@@ -199,9 +199,12 @@ def compiled_shared(prob, launch: tuple, split: bool, arch: int, tables: bool) -
     consts |= {"ONEHOT": bias == "onehot", "KHP": module.dot_dim(prob.kh), "KWP": module.dot_dim(prob.kw)}
     consts |= {"REL_PRECISION": precision, "TABLES": tables}
     consts |= {"LHP": module.dot_dim(2 * prob.kh - 1), "LWP": module.dot_dim(2 * prob.kw - 1)}
-    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in kernel.arg_names[7:25]}
-    signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
-    aligned = [i for i, n in enumerate(kernel.arg_names) if n not in consts and (i < 6 or n.startswith("s"))]
+    consts |= {"WINDOWS": False, "IMG_H": 0, "IMG_W": 0, "NWH": 1, "NWW": 1}
+    names = kernel.arg_names
+    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
+    signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in names}
+    pointers = names.index("qk_scale")
+    aligned = [i for i, n in enumerate(names) if n not in consts and (i < pointers or n.startswith("s"))]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()}, attrs)
     target = GPUTarget("cuda", arch, 32)
