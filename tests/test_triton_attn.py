@@ -476,6 +476,34 @@ def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, 
     assert compiled.asm["cubin"] and compiled.metadata.shared <= 160 * 1024  # fits an A100 (and an H100)
 
 
+def test_image_windows_keep_the_tables_kernels_shared_memory_tiles():
+    """Reading windows from the image adds index math and bias rows, not tiles: compiled for sm90, the window mode
+    allocates as many shared-memory buffers, and as many bytes, as the tables path over contiguous windows (padding
+    keys substituted into the K and V tiles cost a buffer each and 1.75x the time on the H100)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    kernel, names = rpa._rel_pos_attention_fwd, rpa._rel_pos_attention_fwd.arg_names
+    bm, bn, warps, stages, _ = rpa.default_launch(196, 80, 2, True)
+    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n[0] == "s"}
+
+    def compiled(windows: bool):
+        consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": 14, "KW": 14, "HEAD_DIM": 80, "BLOCK_M": bm}
+        consts |= {"BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_T": 16, "PRECISION": None, "ONEHOT": True, "KHP": 16}
+        consts |= {"KWP": 16, "REL_PRECISION": None, "TABLES": True, "LHP": 32, "LWP": 32, "WINDOWS": windows}
+        consts |= {"IMG_H": 64 * windows, "IMG_W": 64 * windows, "NWH": 5, "NWW": 5}
+        signature = {n: "constexpr" if n in consts else scalars.get(n, "*bf16") for n in names}
+        attrs = {k: v for k, v in aligned.items() if names[k[0]] not in consts}
+        src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()}, attrs)
+        out = triton.compile(src, GPUTarget("cuda", 90, 32), {"num_warps": warps, "num_stages": stages})
+        return out.asm["ttgir"].count("ttg.local_alloc"), out.metadata.shared
+
+    assert compiled(True) == compiled(False)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_refuses_encoders_without_rel_pos():
     enc = ImageEncoderViT(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=1, use_rel_pos=False)

@@ -148,7 +148,10 @@ def _rel_pos_attention_fwd(
     WINDOWS (with TABLES): each "batch" is one of NWH x NWW windows of KH x KW tokens of one image, read from and
     written to the unpadded (IMG_H, IMG_W) image in place (q, k, v, out strided per image token). Keys past the
     image's edge are upstream's padding: zero tokens after norm1, so their k and v are qkv's bias (kb_ptr, vb_ptr:
-    (HEADS, HEAD_DIM) each); queries there are not stored."""
+    (HEADS, HEAD_DIM) each); they are added as a score and a share of the output, so the loaded K and V tiles go to
+    the dots as loaded. Substituted into the tiles, each tile took one more trip through shared memory, and the
+    windowed launches took 1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer). Queries
+    there are not stored."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
@@ -174,11 +177,14 @@ def _rel_pos_attention_fwd(
     if TAIL:
         q_t = tl.load(q_base + offs_t[None, :] * sq_d, mask=q_mask[:, None] & t_mask[None, :], other=0.0)
         q_t = (q_t.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # BLOCK_M, T
-    if WINDOWS:  # the padding's k and v: one row of qkv's bias per head
-        kb = tl.load(kb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        vb = tl.load(vb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        kb_t = tl.load(kb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0)
-        vb_t = tl.load(vb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0)
+    if WINDOWS:  # the padding's k and v, one row of qkv's bias per head, enter as q · k_pad and a share of v_pad
+        kb = tl.load(kb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        vb = tl.load(vb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # BLOCK_D
+        q_kb = tl.sum(q.to(tl.float32) * kb[None, :], 1)  # BLOCK_M: every padding key's score (log2 units)
+        if TAIL:
+            kb_t = tl.load(kb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)
+            vb_t = tl.load(vb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)  # BLOCK_T
+            q_kb += tl.sum(q_t.to(tl.float32) * kb_t[None, :], 1)
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
     if TABLES:
@@ -202,15 +208,14 @@ def _rel_pos_attention_fwd(
         n_mask = start_n + offs_n < KH * KW
         tok_n, in_image = _tokens(start_n + offs_n, KH * KW, wy, wx, KH, KW, WINDOWS, IMG_H, IMG_W)
         k_cols, v_rows = k_bh + tok_n[None, :] * sk_n, v_bh + tok_n[:, None] * sv_n  # 1, BLOCK_N; BLOCK_N, 1
+        # keys outside the image load as 0 and get their score from q_kb: the tiles go to the dots as loaded
         k = tl.load(k_cols + offs_d[:, None] * sk_d, mask=d_mask[:, None] & in_image[None, :], other=0.0)  # D, BLOCK_N
-        if WINDOWS:
-            k = tl.where(in_image[None, :], k, kb[:, None].to(k.dtype))
         s = tl.dot(q, k, input_precision=PRECISION)  # BLOCK_M, BLOCK_N
         if TAIL:
             k_t = tl.load(k_cols + offs_t[:, None] * sk_d, mask=t_mask[:, None] & in_image[None, :], other=0.0)
-            if WINDOWS:
-                k_t = tl.where(in_image[None, :], k_t, kb_t[:, None].to(k_t.dtype))
             s = tl.dot(q_t, k_t, s, input_precision=PRECISION)
+        if WINDOWS:
+            s += tl.where(in_image[None, :], 0.0, q_kb[:, None])
         if ONEHOT:
             s += _onehot_bias(rh_t, rw_t, start_n, offs_n, KW, KHP, KWP, REL_PRECISION) * LOG2E
         elif KW == BLOCK_N:
@@ -225,14 +230,15 @@ def _rel_pos_attention_fwd(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_rows + offs_d[None, :] * sv_d, mask=in_image[:, None] & d_mask[None, :], other=0.0)  # BLOCK_N, D
-        if WINDOWS:
-            v = tl.where(in_image[:, None], v, vb[None, :].to(v.dtype))
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         if TAIL:
             v_t = tl.load(v_rows + offs_t[None, :] * sv_d, mask=in_image[:, None] & t_mask[None, :], other=0.0)
-            if WINDOWS:
-                v_t = tl.where(in_image[:, None], v_t, vb_t[None, :].to(v_t.dtype))
             acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=PRECISION)
+        if WINDOWS:  # the padding keys' probabilities times their v (p is 0 past the last key)
+            p_pad = tl.sum(tl.where(in_image[None, :], 0.0, p), 1)  # BLOCK_M
+            acc += p_pad[:, None] * vb[None, :]
+            if TAIL:
+                acc_t += p_pad[:, None] * vb_t[None, :]
         m_i = m_new
     o_base = o_ptr + img * so_b + h * so_h + tok_m[:, None] * so_n
     o_ty = o_ptr.dtype.element_ty
