@@ -428,6 +428,27 @@ def test_tables_path_hands_the_kernel_row_major_qkv(monkeypatch):
     torch.testing.assert_close(out, q + k + v, rtol=0, atol=0)
 
 
+def test_windows_path_hands_the_kernel_row_major_qkv(monkeypatch):
+    """The same guard for the windows op, which takes qkv whole: a column-major qkv (sparse24's) reaches the kernel
+    row-major, and a row-major one is not copied."""
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    seen = []
+
+    def launch(q, k, v, *args, **kwargs):
+        seen.append(q.stride())
+        return rpa._empty_out(q)
+
+    monkeypatch.setattr(rpa, "_run", launch)
+    b, h, w, heads, d = 2, 5, 6, 2, 8
+    row_major = torch.randn(b, h, w, 3 * heads * d)
+    column_major = torch.randn(3 * heads * d, b * h * w).t().view(b, h, w, -1)  # token stride 1
+    table = torch.randn(5, d)  # 3x3 windows
+    for qkv in (column_major, row_major):
+        torch.ops.samrepro.rel_pos_attention_windows(qkv, torch.randn(3 * heads * d), table, table, heads, 0.5)
+    assert seen == [(h * w * 3 * heads * d, d, 3 * heads * d, 1)] * 2  # B, heads, HW, d views of a row-major qkv
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     "dtype, kh, kw, d, arch, split, bias, tables",

@@ -562,6 +562,7 @@ def rel_pos_attention_windows_op(
     Returns:
         (B, H, W, heads * d), channels heads-major as upstream's attention output before proj.
     """
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()  # column-major (sparse24): as the tables op, row-major
     q, k, v, k_pad, v_pad = _window_inputs(qkv, qkv_bias, heads)
     kh, kw = _check_windows(q, table_h, table_w)
     fit = _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
