@@ -168,6 +168,10 @@ def interpreter_checks() -> dict:
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT: the compiled block below
     opcheck = torch.library.opcheck(torch.ops.samrepro.rel_pos_attention.default, (*args, 16, 16), test_utils=checks)
     res["opcheck"] = {k: v for k, v in opcheck.items() if v != "SUCCESS"}
+    qkv, bias, table = torch.randn(2, 5, 6, 3 * 2 * 16), torch.randn(3 * 2 * 16), torch.randn(5, 16)  # 3x3 windows
+    windows = torch.ops.samrepro.rel_pos_attention_windows.default
+    opcheck = torch.library.opcheck(windows, (qkv, bias, table, table, 2, 0.25), test_utils=checks)
+    res["opcheck"] |= {f"windows {k}": v for k, v in opcheck.items() if v != "SUCCESS"}
 
     sam = randomize(build_tiny()).eval()
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))

@@ -8,6 +8,8 @@ the bias is multiplied by log2(e) too (SAF's kernel left the bias unscaled until
 
 `samrepro::rel_pos_attention_tables` takes the (2k - 1, d) position tables instead of the terms, for queries on the
 key grid, and computes each program's terms from its own q (one dot per table and a gather).
+`samrepro::rel_pos_attention_windows` runs the tables kernel on every window of an unpadded image of tokens, read
+from and written to the image in place (SAM's windowed blocks without their window partition).
 
 Each call's launch fits the GPU it runs on: `default_launch` was measured on an H100 (227 KiB of shared memory per
 block); where its launch would not fit (99 KiB on sm86 and sm89), `fit_launch` steps it down by `shared_bytes`.

@@ -136,10 +136,9 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
         split = wanted and head_dim & (head_dim - 1) != 0
         tables = config.window_tables and block.window_size > 0 and config.bias in ("", "onehot")
         undo.setattr(block.attn, "forward", _bind(block.attn, config.launch(), split, tables))
-        window = (block.window_size, block.window_size)
-        if tables and config.image_windows and block.attn.qkv.bias is not None:
-            if tables_fit(block.attn.rel_pos_h, block.attn.rel_pos_w, window):
-                undo.setattr(block, "forward", _bind_block(block, config.launch(), split))
+        fits = tables and tables_fit(block.attn.rel_pos_h, block.attn.rel_pos_w, (block.window_size,) * 2)
+        if fits and config.image_windows and block.attn.qkv.bias is not None:
+            undo.setattr(block, "forward", _bind_block(block, config.launch(), split))
 
 
 PATCH = register_patch(
