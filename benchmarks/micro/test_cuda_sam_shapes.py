@@ -1,7 +1,8 @@
 """Microbenchmarks on a GPU at SAM's own shapes: vit_b (12 heads of dim 64) and vit_h (16 heads of dim 80) at 1024 px,
 batch 16, in bf16 (the `bf16` patch, the first step of every GPU plan), with random weights: the encoder attention of
-a windowed block (25 padded 14x14 windows per image) and of a global block (the 64x64 grid), and a block's MLP, each
-unpatched and under every registered patch that changes it and can run on this GPU. Skipped without CUDA."""
+a windowed block (25 padded 14x14 windows per image) and of a global block (the 64x64 grid), each whole block, and a
+block's MLP, each unpatched and under every registered patch that changes it and can run on this GPU. Skipped
+without CUDA."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ BATCH = 16  # images per encoder call, as the reference runs
 MODELS = ("vit_b", "vit_h")
 
 ATTENTION = [(kind, v) for kind in BLOCK_KINDS for v in (UPSTREAM, *encoder_attention_patches(DEVICE, kind))]
+# A whole block: triton_attn's windowed blocks skip the window partition, which only the block's own forward shows.
+BLOCK = [(kind, v) for kind in BLOCK_KINDS for v in dict.fromkeys(
+    [UPSTREAM, *encoder_attention_patches(DEVICE, kind), *linear_weight_patches(DEVICE)]
+)]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -36,6 +41,16 @@ def sam_bf16(request):
         yield sam
     del sam
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("case", BLOCK, ids="-".join)
+def test_encoder_block(sam_bf16, measure, case):
+    """One image-encoder block over 16 x 64 x 64 tokens: norms, (windowed) attention, MLP, residuals."""
+    kind, variant = case
+    block = block_of_kind(sam_bf16.image_encoder, kind)
+    x = encoder_tokens(sam_bf16.image_encoder, BATCH)  # 16, 64, 64, C
+    with patched(sam_bf16, variant):
+        measure(lambda: block(x), DEVICE)
 
 
 @pytest.mark.parametrize("case", ATTENTION, ids="-".join)
