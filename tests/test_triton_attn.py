@@ -453,6 +453,37 @@ def test_windows_path_hands_the_kernel_row_major_qkv(monkeypatch):
     assert seen == [(h * w * 3 * heads * d, d, 3 * heads * d, 1)] * 2  # B, heads, HW, d views of a row-major qkv
 
 
+@pytest.mark.parametrize("op", ["rel_pos_attention", "rel_pos_attention_tables", "rel_pos_attention_windows"])
+def test_launch_gets_no_copy_of_the_inputs(monkeypatch, op):
+    """Every op hands the kernel its inputs as they are (strided views of one qkv output, as in the encoder): no
+    argument of the launch is a new tensor as large as q. Checked at the launch, without a GPU."""
+    from samrepro.kernels import rel_pos_attention as rpa
+
+    launches, names = [], rpa._rel_pos_attention_fwd.arg_names
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+
+    monkeypatch.setattr(rpa, "_rel_pos_attention_fwd", Kernel())
+    monkeypatch.setattr(rpa, "INTERPRETED", True)
+    b, h, w, heads, d = 2, 4, 4, 2, 16  # a 4x4 grid: one window of the image, or the global grid
+    qkv = torch.randn(b, h, w, 3 * heads * d)
+    q, k, v = qkv.view(b, h * w, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, HW, d: strided views
+    table = torch.randn(2 * h - 1, d)
+    if op == "rel_pos_attention_windows":
+        torch.ops.samrepro.rel_pos_attention_windows(qkv, torch.randn(3 * heads * d), table, table, heads, 0.25)
+    elif op == "rel_pos_attention_tables":
+        torch.ops.samrepro.rel_pos_attention_tables(q, k, v, table, table, 0.25)
+    else:
+        rel_h, rel_w = torch.randn(b, heads, h * w, h), torch.randn(b, heads, h * w, w)
+        torch.ops.samrepro.rel_pos_attention(q, k, v, rel_h, rel_w, 0.25)
+    (args,) = launches
+    out = args[names.index("o_ptr")]  # allocated for the kernel to write
+    big = [a for a in args if isinstance(a, torch.Tensor) and a.numel() >= q.numel() and a is not out]
+    assert big and all(a.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() for a in big)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     "dtype, kh, kw, d, arch, split, bias, tables",

@@ -534,7 +534,7 @@ def _window_inputs(qkv: torch.Tensor, qkv_bias: torch.Tensor, heads: int):
         raise ValueError(f"rel_pos_attention_windows: qkv_bias must be ({channels},) on {qkv.device}, got "
                          f"{tuple(qkv_bias.shape)} on {qkv_bias.device}")  # fmt: skip
     q, k, v = qkv.view(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, HW, d
-    _, k_pad, v_pad = qkv_bias.to(qkv.dtype).view(3, heads, -1).unbind(0)  # heads, d each
+    _, k_pad, v_pad = qkv_bias.to(qkv.dtype).contiguous().view(3, heads, -1).unbind(0)  # heads, d each: contiguous
     return q, k, v, k_pad, v_pad
 
 
@@ -608,7 +608,7 @@ def _run(
     out = _empty_out(q)
     img_h = img_w = 0
     n_wh = n_ww = 1
-    k_pad = v_pad = q  # not read outside window mode
+    k_pad = v_pad = q  # not read outside window mode: passed as it is, never copied
     if windows is not None:
         img_h, img_w, k_pad, v_pad = windows
         n_wh, n_ww, n_q = triton.cdiv(img_h, kh), triton.cdiv(img_w, kw), kh * kw
@@ -616,7 +616,7 @@ def _run(
     grid = (batch * n_wh * n_ww * heads * triton.cdiv(n_q, bm),)
     _rel_pos_attention_fwd[grid](
         q, k, v, rel_h.to(rel_dtype).contiguous(), rel_w.to(rel_dtype).contiguous(), out,
-        k_pad.contiguous(), v_pad.contiguous(),
+        k_pad, v_pad,
         scale * LOG2E.value, n_q, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         KH=kh, KW=kw, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_T=block_t,
