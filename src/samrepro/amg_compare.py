@@ -70,11 +70,15 @@ def mask_deviation(ref: list[list[Rle]], out: list[list[Rle]]) -> dict[str, floa
     }
 
 
+def too_few_masks(masks: int | None) -> bool:
+    """Whether an AMG run's fp32 step kept too few masks (fewer than MIN_GATED_MASKS) for the matched measures to be
+    gated; None (a points-workload deviation has no mask count) is not too few."""
+    return masks is not None and masks < MIN_GATED_MASKS
+
+
 def gated(measured: dict[str, float | None]) -> dict[str, float | None]:
-    """`measured` as the gate checks it: without the matched measures where the fp32 run kept fewer than
-    MIN_GATED_MASKS masks (a points-workload deviation has no mask count and passes through)."""
-    masks = measured.get("amg_fp32_masks")
-    if masks is None or masks >= MIN_GATED_MASKS:
+    """`measured` as the gate checks it: without the matched measures where `too_few_masks`."""
+    if not too_few_masks(measured.get("amg_fp32_masks")):
         return measured
     return {k: v for k, v in measured.items() if k not in MATCHED}
 
@@ -84,7 +88,7 @@ def ungated(measured: dict[str, float | None], images: int) -> str | None:
     n = measured["amg_fp32_masks"]
     if not n:
         return "the fp32 step kept no mask: matched mIoU and share not measured"
-    if n < MIN_GATED_MASKS:
+    if too_few_masks(n):
         return (
             f"the fp32 step kept {n} masks over {images} images, fewer than {MIN_GATED_MASKS}: matched mIoU and "
             "share shown, not gated (more images, or trained weights, give the gate masks to match)"

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from samrepro.amg_compare import MIN_GATED_MASKS
+from samrepro.amg_compare import MIN_GATED_MASKS, too_few_masks
 from samrepro.results import StepResult
 
 EVENTS_FD = "SAMREPRO_EVENTS_FD"  # the environment variable naming the step's end of the pipe
@@ -127,7 +127,7 @@ def result_line(r: StepResult, fp32_img_s: float | None) -> str:
         parts.append(f"agreement {r.miou_agreement:.4f}")
     if r.amg_matched_miou is not None:
         parts.append(f"matched mIoU {r.amg_matched_miou:.4f}, {r.amg_match_share:.0%} matched")
-    if r.amg_fp32_masks is not None and r.amg_fp32_masks < MIN_GATED_MASKS:
+    if too_few_masks(r.amg_fp32_masks):
         parts.append(f"masks not gated (fp32 kept {r.amg_fp32_masks}, the gate needs {MIN_GATED_MASKS})")
     gate = r.gate.upper() if r.gate != "skipped" else "reference" if r.index == 0 else "skipped"
     parts.append(f"gate {gate}" + (f": {'; '.join(r.gate_violations)}" if r.gate_violations else ""))
