@@ -183,32 +183,11 @@ def test_device_limits_reads_torchs_opt_in_figure():
 
 
 def compiled_shared(prob, launch: tuple, split: bool, arch: int, tables: bool) -> int:
-    """`metadata.shared` of the attention kernel compiled for sm`arch`. Pointers and strides are declared 16-byte
-    aligned, as Triton specializes them at run time: without that, K and V are not pipelined through shared memory."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """`metadata.shared` of the attention kernel compiled for sm`arch`."""
+    from tests.attention_blocks import compile_attention_kernel  # not at the top: this file also runs as a script
 
-    module, kernel = rpa(), rpa()._rel_pos_attention_fwd
-    bm, bn, warps, stages, bias = launch
-    block_d, block_t = module.head_blocks(prob.head_dim, split)
     dtype = {2: "bf16", 4: "fp32"}[prob.itemsize]
-    precision = "ieee" if dtype == "fp32" else None
-    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": prob.kh, "KW": prob.kw, "HEAD_DIM": prob.head_dim}
-    consts |= {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
-    consts |= {"ONEHOT": bias == "onehot", "KHP": module.dot_dim(prob.kh), "KWP": module.dot_dim(prob.kw)}
-    consts |= {"REL_PRECISION": precision, "TABLES": tables}
-    consts |= {"LHP": module.dot_dim(2 * prob.kh - 1), "LWP": module.dot_dim(2 * prob.kw - 1)}
-    consts |= {"WINDOWS": False, "IMG_H": 0, "IMG_W": 0, "NWH": 1, "NWW": 1}
-    names = kernel.arg_names
-    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
-    signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in names}
-    pointers = names.index("qk_scale")
-    aligned = [i for i, n in enumerate(names) if n not in consts and (i < pointers or n.startswith("s"))]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()}, attrs)
-    target = GPUTarget("cuda", arch, 32)
-    return triton.compile(src, target, {"num_warps": warps, "num_stages": stages}).metadata.shared
+    return compile_attention_kernel(prob.kh, prob.kw, prob.head_dim, launch, split, dtype, arch, tables).metadata.shared
 
 
 # (gpu, shape, dtype): the picks SAM runs, on each kind of target; fp16 compiles as bf16 (the same bytes)

@@ -508,27 +508,12 @@ def test_launch_gets_no_copy_of_the_inputs(monkeypatch, op):
 def test_kernel_compiles_for_gpus_with_the_table_blocks(dtype, kh, kw, d, arch, split, bias, tables):
     """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (types, constexprs).
     `tables` "windows": the tables path reading 25 windows of 14² from a 64² image in place."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from samrepro.kernels import rel_pos_attention as rpa
+    from tests.attention_blocks import compile_attention_kernel
 
-    kernel = rpa._rel_pos_attention_fwd
     bm, bn, warps, stages, _ = rpa.default_launch(kh * kw, d, 4 if dtype == "fp32" else 2, split)
-    block_d, block_t = rpa.head_blocks(d, split)
-    precision = "ieee" if dtype == "fp32" else None
-    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": kh, "KW": kw, "HEAD_DIM": d, "BLOCK_M": bm}
-    consts |= {"BLOCK_N": bn, "BLOCK_D": block_d, "BLOCK_T": block_t, "PRECISION": precision}
-    consts |= {"ONEHOT": bias == "onehot", "KHP": rpa.dot_dim(kh), "KWP": rpa.dot_dim(kw), "REL_PRECISION": precision}
-    consts |= {"TABLES": bool(tables), "LHP": rpa.dot_dim(2 * kh - 1), "LWP": rpa.dot_dim(2 * kw - 1)}
-    windows = tables == "windows"
-    consts |= {"WINDOWS": windows, "IMG_H": 64 * windows, "IMG_W": 64 * windows, "NWH": 5 if windows else 1}
-    consts |= {"NWW": 5 if windows else 1}
-    names = kernel.arg_names
-    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
-    signature = {n: "constexpr" if n in consts else scalars.get(n, f"*{dtype}") for n in kernel.arg_names}
-    src = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in consts.items()})
-    compiled = triton.compile(src, GPUTarget("cuda", arch, 32), {"num_warps": warps, "num_stages": stages})
+    launch = (bm, bn, warps, stages, bias)
+    compiled = compile_attention_kernel(kh, kw, d, launch, split, dtype, arch, bool(tables), tables == "windows")
     assert compiled.asm["cubin"] and compiled.metadata.shared <= 160 * 1024  # fits an A100 (and an H100)
 
 
@@ -536,25 +521,13 @@ def test_image_windows_keep_the_tables_kernels_shared_memory_tiles():
     """Reading windows from the image adds index math and bias rows, not tiles: compiled for sm90, the window mode
     allocates as many shared-memory buffers, and as many bytes, as the tables path over contiguous windows (padding
     keys substituted into the K and V tiles cost a buffer each and 1.75x the time on the H100)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from samrepro.kernels import rel_pos_attention as rpa
+    from tests.attention_blocks import compile_attention_kernel
 
-    kernel, names = rpa._rel_pos_attention_fwd, rpa._rel_pos_attention_fwd.arg_names
-    bm, bn, warps, stages, _ = rpa.default_launch(196, 80, 2, True)
-    scalars = {"qk_scale": "fp32"} | {n: "i32" for n in names[names.index("N_Q") : names.index("so_d") + 1]}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or n[0] == "s"}
+    launch = rpa.default_launch(196, 80, 2, True)  # vit_h's windows, head dim split 64 + 16
 
     def compiled(windows: bool):
-        consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "so_d": 1, "KH": 14, "KW": 14, "HEAD_DIM": 80, "BLOCK_M": bm}
-        consts |= {"BLOCK_N": bn, "BLOCK_D": 64, "BLOCK_T": 16, "PRECISION": None, "ONEHOT": True, "KHP": 16}
-        consts |= {"KWP": 16, "REL_PRECISION": None, "TABLES": True, "LHP": 32, "LWP": 32, "WINDOWS": windows}
-        consts |= {"IMG_H": 64 * windows, "IMG_W": 64 * windows, "NWH": 5, "NWW": 5}
-        signature = {n: "constexpr" if n in consts else scalars.get(n, "*bf16") for n in names}
-        attrs = {k: v for k, v in aligned.items() if names[k[0]] not in consts}
-        src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()}, attrs)
-        out = triton.compile(src, GPUTarget("cuda", 90, 32), {"num_warps": warps, "num_stages": stages})
+        out = compile_attention_kernel(14, 14, 80, launch, True, "bf16", 90, True, windows)
         return out.asm["ttgir"].count("ttg.local_alloc"), out.metadata.shared
 
     assert compiled(True) == compiled(False)
