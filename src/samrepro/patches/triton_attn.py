@@ -18,6 +18,7 @@ from types import MethodType
 
 import torch
 from segment_anything.modeling import Sam, image_encoder
+from torch import nn
 
 from samrepro.patch import Patch, PatchConfig, PatchError, Requires, Tolerance, Undo
 from samrepro.patches._attention import KERNEL_SLOT, merge_heads, rel_terms, split_heads
@@ -109,18 +110,13 @@ def windowed_block_forward(
     return x + self.mlp(self.norm2(x))
 
 
-def _bind(module: image_encoder.Attention, launch: tuple[int, int, int, int, str], split_head: bool, tables: bool):
+def _bind(module: nn.Module, forward_fn, *args):
+    """`module`'s own forward(x): forward_fn(module, x, *args)."""
+
     def forward(self, x):
-        return encoder_attention_forward(self, x, launch, split_head, tables)
+        return forward_fn(self, x, *args)
 
     return MethodType(forward, module)
-
-
-def _bind_block(block: image_encoder.Block, launch: tuple[int, int, int, int, str], split_head: bool):
-    def forward(self, x):
-        return windowed_block_forward(self, x, launch, split_head)
-
-    return MethodType(forward, block)
 
 
 def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
@@ -130,15 +126,16 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     plain = [f"{n}.attn" for n, b in layers if not b.attn.use_rel_pos]
     if plain:
         raise PatchError(f"triton_attn fuses the rel-pos bias, but {plain} have use_rel_pos=False")
+    launch = config.launch()
     for _, block in layers:
         head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
         wanted = config.split_windows if block.window_size > 0 else config.split_global
         split = wanted and head_dim & (head_dim - 1) != 0
         tables = config.window_tables and block.window_size > 0 and config.bias in ("", "onehot")
-        undo.setattr(block.attn, "forward", _bind(block.attn, config.launch(), split, tables))
+        undo.setattr(block.attn, "forward", _bind(block.attn, encoder_attention_forward, launch, split, tables))
         fits = tables and tables_fit(block.attn.rel_pos_h, block.attn.rel_pos_w, (block.window_size,) * 2)
         if fits and config.image_windows and block.attn.qkv.bias is not None:
-            undo.setattr(block, "forward", _bind_block(block, config.launch(), split))
+            undo.setattr(block, "forward", _bind(block, windowed_block_forward, launch, split))
 
 
 PATCH = register_patch(
