@@ -183,6 +183,20 @@ def _fold_grid_transposed(sam, cfg, undo: Undo) -> None:
     fold_attn.PATCH.apply_fn(sam, fold_attn.FoldAttnConfig(), undo)
 
 
+def _gelu_epilogue_without_bias(sam, cfg, undo: Undo) -> None:
+    """gelu_epilogue's fused GEMM handed no bias (the epilogue's bias argument dropped)."""
+    for block in sam.image_encoder.blocks:
+        mlp = block.mlp
+
+        def forward(self, x):
+            flat = x.reshape(-1, x.shape[-1])  # tokens, C
+            zero = torch.zeros_like(self.lin1.bias)
+            hidden = torch._addmm_activation(zero, flat, self.lin1.weight.t(), use_gelu=True)  # tokens, 4C
+            return self.lin2(hidden.view(*x.shape[:-1], -1))
+
+        undo.setattr(mlp, "forward", MethodType(forward, mlp))
+
+
 @pytest.mark.parametrize(
     "name, apply_fn, measure",
     [
@@ -190,6 +204,7 @@ def _fold_grid_transposed(sam, cfg, undo: Undo) -> None:
         ("channels_last", _flipped_convs, "embedding_sqnr_db"),
         ("compile_decoder", _compiled_decoder_off_by_a_bit, "iou_pred_max_abs"),
         ("fold_attn", _fold_grid_transposed, "embedding_sqnr_db"),
+        ("gelu_epilogue", _gelu_epilogue_without_bias, "embedding_sqnr_db"),
     ],
 )
 def test_later_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):
