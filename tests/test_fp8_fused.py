@@ -127,25 +127,7 @@ def interpreter_checks() -> dict:
             k: v for k, v in torch.library.opcheck(op, args, test_utils=checks).items() if v != "SUCCESS"
         }
     res["module_norm"] = module_norm_args()
-    res["norm1_blocks"] = {str(windows): norm1_blocks(windows) for windows in (False, True)}
     return res
-
-
-def norm1_blocks(image_windows: bool) -> dict:
-    """The tiny encoder's blocks whose norm1 fp8_fused hands to qkv, after triton_attn with or without its image
-    windows (applied past their CUDA requirement, as the interpreter allows), and whether undo gives norm1 back."""
-    from samrepro.models import build_tiny
-    from samrepro.patches import triton_attn
-
-    sam, undo = build_tiny(), Undo()
-    norms = [block.norm1 for block in sam.image_encoder.blocks]
-    triton_attn.PATCH.apply_fn(sam, triton_attn.TritonAttnConfig(image_windows=image_windows), undo)
-    fp8_fused.PATCH.apply_fn(sam, Fp8Config(), undo)
-    blocks = sam.image_encoder.blocks
-    fused = [i for i, b in enumerate(blocks) if type(b.norm1) is nn.Identity and b.attn.qkv.norm_weight is not None]
-    shared = all(blocks[i].attn.qkv.norm_weight.data_ptr() == norms[i].weight.data_ptr() for i in fused)
-    undo.run()
-    return {"fused": fused, "shared": shared, "undone": [b.norm1 for b in blocks] == norms}
 
 
 def module_norm_args() -> dict:
@@ -189,16 +171,6 @@ def test_launch_overrides_and_op_registration(interp):
         "eps": 0.25,
         "shares_parameters": True,
         "repr": "Fp8RowLinear(in=32, out=16, gelu=False, norm=True)",
-    }
-
-
-def test_norm1_goes_into_qkv_only_where_nothing_pads_it(interp):
-    """The tiny encoder's global blocks are 2 and 5. Its windowed blocks pad 16 tokens to 18 under upstream's
-    window partition, whose zero rows a LayerNorm inside qkv would turn into norm1's bias: their norm1 stays, unless
-    triton_attn runs them on the image's own tokens."""
-    assert interp["norm1_blocks"] == {
-        "False": {"fused": [2, 5], "shared": True, "undone": True},
-        "True": {"fused": [0, 1, 2, 3, 4, 5], "shared": True, "undone": True},
     }
 
 
@@ -314,8 +286,6 @@ def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
             blocks = sam.image_encoder.blocks
             assert all(type(b.mlp.act) is nn.Identity and b.mlp.lin2.gelu and not b.mlp.lin1.gelu for b in blocks)
             assert all(type(b.norm2) is nn.Identity and b.mlp.lin1.norm_weight is not None for b in blocks)
-            norm1 = [type(b.norm1) is nn.Identity and b.attn.qkv.norm_weight is not None for b in blocks]
-            assert norm1 == [b.window_size == 0 for b in blocks], "upstream's windowed blocks pad norm1's output"
             assert COUNTERS["fp8_fused.layers"] == layers + 4 * len(blocks)
             out = sam.image_encoder(x)
             compiled = torch.compile(sam.image_encoder)(x)
@@ -328,24 +298,6 @@ def test_modules_match_fp8_compile_and_undo_exactly(fp32_model, bf16):
         assert torch.allclose(compiled.float(), out.float(), rtol=0.02, atol=0.02 * out.abs().max().item())
         assert model_state(sam) == state and tensors_equal(sam, fp32_model) == []
         assert torch.equal(sam.image_encoder(x), ref)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
-def test_norm1_inside_qkv_on_image_windows_stays_near_torchaos_fp8(fp32_model):
-    """On triton_attn's image windows every block's norm1 runs inside qkv's quantization, the padding keys still
-    taken from qkv's bias: the encoder stays as near torchao's fp8 on the same attention as it does without them."""
-    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)).cuda()
-    sam = copy.deepcopy(fp32_model).cuda()
-    with torch.no_grad():
-        with apply_patches(sam, ["bf16", "triton_attn", "fp8"]):
-            torchao = sam.image_encoder(x).float()
-        with apply_patches(sam, ["bf16", "triton_attn", "fp8_fused"]):
-            blocks = sam.image_encoder.blocks
-            assert all(type(b.norm1) is nn.Identity and b.attn.qkv.norm_weight is not None for b in blocks)
-            out = sam.image_encoder(x).float()
-    noise = (out - torchao).pow(2).mean() / torchao.pow(2).mean()
-    assert 10 * torch.log10(1 / noise) >= 25
 
 
 @pytest.mark.cuda
@@ -363,10 +315,10 @@ def test_linear_takes_inputs_of_any_layout():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM89, reason="needs CUDA sm89+")
-@pytest.mark.parametrize("broken", ["gelu", "norm", "norm1"])
+@pytest.mark.parametrize("broken", ["gelu", "norm"])
 def test_declared_gate_fails_when_gelu_or_norm_is_dropped(tiny_ref, device, monkeypatch, broken):
-    """fp8_fused whose lin2 quantizes lin1's output without the GELU, whose Linears quantize x without the norms
-    they took, or whose qkv alone drops norm1 (the global blocks'): its own tolerance must catch it."""
+    """fp8_fused whose lin2 quantizes lin1's output without the GELU, or whose lin1 quantizes x without norm2: its
+    own tolerance must catch it."""
     from samrepro.gates import accuracy_violations, patches_for
     from tests.conftest import make_samples
 
@@ -375,8 +327,7 @@ def test_declared_gate_fails_when_gelu_or_norm_is_dropped(tiny_ref, device, monk
     init = fp8_fused.Fp8RowLinear.__init__
 
     def broken_init(self, lin, gelu, cfg, norm=None):
-        drop = broken == "norm" or (broken == "norm1" and lin.out_features == 3 * lin.in_features)  # qkv
-        init(self, lin, gelu and broken != "gelu", cfg, None if drop else norm)
+        init(self, lin, gelu and broken != "gelu", cfg, None if broken == "norm" else norm)
 
     monkeypatch.setattr(fp8_fused.Fp8RowLinear, "__init__", broken_init)
     samples = make_samples(seed=3, batch_size=2, max_prompts=3, boxes=False, multi_point=False)

@@ -1,16 +1,14 @@
 """fp8_fused: fp8's row-wise float8 encoder Linears with each activation quantized in one Triton pass, the
-MLP's GELU computed inside lin2's quantization, the LayerNorm before the MLP inside lin1's and, where nothing pads
-its output, the LayerNorm before the attention inside qkv's (beyond the blog; the float8 scheme is `fp8`'s).
+MLP's GELU computed inside lin2's quantization and the LayerNorm before the MLP inside lin1's (beyond the blog;
+the float8 scheme is `fp8`'s).
 
 The same numbers as `fp8` (e4m3, one scale per token and per output channel, `torch._scaled_mm`), built without
 torchao: each Linear becomes an `Fp8RowLinear` whose input goes through `samrepro::fp8_rows`; each block's
 `mlp.act` and `norm2` become identities, so lin2 quantizes GELU(lin1's output) and lin1 norm2(x) from fp32,
-without writing either out in bf16 first. norm1 goes into qkv's quantization the same way in the global blocks
-and in triton_attn's windowed blocks on the image's own tokens (`image_windows`). Upstream's window partition pads
-norm1's output with zeros, which a LayerNorm inside qkv would turn into its bias: there norm1 stays. Under
-inductor, torchao's quantization of vit_h's MLP input ran ~3-4x off the memory bound and gave back most of what
-the float8 GEMMs saved (reports/2026-11-21-h100-fold_attn-split-windows-and-peer). Undo puts the original modules
-back; their weights wait on the host meanwhile.
+without writing either out in bf16 first. Under inductor, torchao's quantization of vit_h's MLP input ran ~3-4x
+off the memory bound and gave back most of what the float8 GEMMs saved
+(reports/2026-11-21-h100-fold_attn-split-windows-and-peer). Undo puts the original modules back; their weights wait
+on the host meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from samrepro.patch import Patch, PatchError, Requires, Undo
 from samrepro.patches._float8 import TOLERANCE, Fp8Config
 from samrepro.patches._host import park_on_host
 from samrepro.patches._weights import WEIGHTS_SLOT, encoder_linears, require_multiples
-from samrepro.patches.triton_attn import on_image_tokens
 from samrepro.registry import register_patch
 
 OUT_DTYPE = torch.bfloat16  # _scaled_mm's row-wise path writes bf16
@@ -72,13 +69,6 @@ def _row_norm(norm: nn.Module, dim: int) -> bool:
     return affine and tuple(norm.normalized_shape) == (dim,)
 
 
-def _norm1_for_qkv(block: nn.Module) -> nn.LayerNorm | None:
-    """block.norm1 if qkv can compute it: a row LayerNorm whose output reaches qkv unpadded (global blocks, and
-    windowed ones on the image's own tokens)."""
-    unpadded = block.window_size == 0 or on_image_tokens(block)
-    return block.norm1 if unpadded and _row_norm(block.norm1, block.attn.qkv.in_features) else None
-
-
 def _apply(sam: Sam, config: Fp8Config, undo: Undo) -> None:
     linears = encoder_linears(sam)
     require_multiples(linears, 16, "fp8_fused", "torch._scaled_mm")
@@ -90,11 +80,7 @@ def _apply(sam: Sam, config: Fp8Config, undo: Undo) -> None:
     if not all(_row_norm(block.norm2, block.mlp.lin1.in_features) for block in blocks):
         raise PatchError("fp8_fused: every block's norm2 must be an affine nn.LayerNorm over the channels (lin1's)")
     for block in blocks:
-        norm1 = _norm1_for_qkv(block)
-        undo.setattr(block.attn, "qkv", Fp8RowLinear(block.attn.qkv, False, config, norm=norm1))
-        if norm1 is not None:
-            undo.setattr(block, "norm1", nn.Identity())
-        for parent, name in ((block.attn, "proj"), (block.mlp, "lin2")):
+        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "lin2")):
             undo.setattr(parent, name, Fp8RowLinear(getattr(parent, name), name == "lin2", config))
         undo.setattr(block.mlp, "lin1", Fp8RowLinear(block.mlp.lin1, False, config, norm=block.norm2))
         undo.setattr(block.mlp, "act", nn.Identity())

@@ -116,15 +116,7 @@ def _bind(module: nn.Module, forward_fn, *args):
     def forward(self, x):
         return forward_fn(self, x, *args)
 
-    forward.runs = forward_fn  # what `on_image_tokens` asks
     return MethodType(forward, module)
-
-
-def on_image_tokens(block: nn.Module) -> bool:
-    """Whether `block` runs `windowed_block_forward`: its norm1 output goes to qkv as it is, with no padding
-    between them (fp8_fused then computes norm1 inside qkv's quantization)."""
-    bound = getattr(vars(block).get("forward"), "__func__", None)
-    return getattr(bound, "runs", None) is windowed_block_forward
 
 
 def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
