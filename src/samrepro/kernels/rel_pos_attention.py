@@ -152,8 +152,8 @@ def _rel_pos_attention_fwd(
     image's edge are upstream's padding: zero tokens after norm1, so their k and v are qkv's bias (kb_ptr, vb_ptr:
     (HEADS, HEAD_DIM) each); they are added as a score and a share of the output, so the loaded K and V tiles go to
     the dots as loaded. Substituted into the tiles, each tile took one more trip through shared memory, and the
-    windowed launches took 1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer). Queries
-    there are not stored."""
+    windowed launches took 1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer); as it is,
+    1.63x (reports/2026-12-07-h100-windows-kernel-fix-and-peer). Queries there are not stored."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
