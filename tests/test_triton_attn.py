@@ -103,6 +103,7 @@ WINDOW_CASES = {
     "tiny_16x16_w6": (2, 16, 16, 2, 16, 6, "float32"),  # padded to 18x18 at the bottom and right
     "odd_13x10_w7_d20": (1, 13, 10, 1, 20, 7, "float32"),  # unequal sides, head dim 20 (-> 32, or 16 + 16 split)
     "unpadded_12x12_w6": (1, 12, 12, 2, 32, 6, "float32"),
+    "rows_padded_16x12_w6": (1, 16, 12, 1, 16, 6, "float32"),  # only the last window row hangs over the image
     "vit_h_like_16x20_w6_d80_bf16": (1, 16, 20, 1, 80, 6, "bfloat16"),
 }
 

@@ -1,8 +1,8 @@
 """Microbenchmarks on a GPU at SAM's own shapes: vit_b (12 heads of dim 64) and vit_h (16 heads of dim 80) at 1024 px,
 batch 16, in bf16 (the `bf16` patch, the first step of every GPU plan), with random weights: the encoder attention of
 a windowed block (25 padded 14x14 windows per image) and of a global block (the 64x64 grid), each whole block, and a
-block's MLP, each unpatched and under every registered patch that changes it and can run on this GPU. Skipped
-without CUDA."""
+block's MLP, each unpatched and under every registered patch that changes it and can run on this GPU; and a windowed
+block under triton_attn in both window modes. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def test_encoder_block(sam_bf16, measure, case):
     block = block_of_kind(sam_bf16.image_encoder, kind)
     x = encoder_tokens(sam_bf16.image_encoder, BATCH)  # 16, 64, 64, C
     with patched(sam_bf16, variant):
+        measure(lambda: block(x), DEVICE)
+
+
+@pytest.mark.parametrize("image_windows", [True, False], ids=["image_windows", "partitioned"])
+def test_windowed_block_triton_attn(sam_bf16, measure, image_windows):
+    """A windowed block under triton_attn, its kernel reading the windows from the image in place or, as upstream
+    partitions them, from padded windows: what the window mode costs or saves, side by side."""
+    block = block_of_kind(sam_bf16.image_encoder, "windowed")
+    x = encoder_tokens(sam_bf16.image_encoder, BATCH)  # 16, 64, 64, C
+    with samrepro.apply_patches(sam_bf16, ["triton_attn"], {"triton_attn": {"image_windows": image_windows}}):
         measure(lambda: block(x), DEVICE)
 
 

@@ -150,18 +150,21 @@ def _rel_pos_attention_fwd(
     WINDOWS (with TABLES): each "batch" is one of NWH x NWW windows of KH x KW tokens of one image, read from and
     written to the unpadded (IMG_H, IMG_W) image in place (q, k, v, out strided per image token). Keys past the
     image's edge are upstream's padding: zero tokens after norm1, so their k and v are qkv's bias (kb_ptr, vb_ptr:
-    (HEADS, HEAD_DIM) each); they are added as a score and a share of the output, so the loaded K and V tiles go to
-    the dots as loaded. Substituted into the tiles, each tile took one more trip through shared memory, and the
-    windowed launches took 1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer); as it is,
-    1.63x (reports/2026-12-07-h100-windows-kernel-fix-and-peer). Queries there are not stored."""
+    (HEADS, HEAD_DIM) each). They are added as a score and a share of the output, only by the programs of the last
+    window row and column (9 of SAM's 25 windows), and the loaded K and V tiles go to the dots as loaded.
+    Substituted into the tiles, each tile took one more trip through shared memory, and the windowed launches took
+    1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer); added in every window, 1.63x
+    (reports/2026-12-07-h100-windows-kernel-fix-and-peer). Queries there are not stored."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
     if WINDOWS:
         img, win = b // (NWH * NWW), b % (NWH * NWW)
         wy, wx = win // NWW, win % NWW
+        # only the last window row and column hang over the image: the others skip the padding keys' terms
+        edge = ((wy == NWH - 1) & (IMG_H % KH != 0)) | ((wx == NWW - 1) & (IMG_W % KW != 0))
     else:
-        img, wy, wx = b, 0, 0
+        img, wy, wx, edge = b, 0, 0, False
     offs_m = (tl.program_id(0) % n_q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,7 +220,8 @@ def _rel_pos_attention_fwd(
             k_t = tl.load(k_cols + offs_t[:, None] * sk_d, mask=t_mask[:, None] & in_image[None, :], other=0.0)
             s = tl.dot(q_t, k_t, s, input_precision=PRECISION)
         if WINDOWS:
-            s += tl.where(in_image[None, :], 0.0, q_kb[:, None])
+            if edge:
+                s += tl.where(in_image[None, :], 0.0, q_kb[:, None])
         if ONEHOT:
             s += _onehot_bias(rh_t, rw_t, start_n, offs_n, KW, KHP, KWP, REL_PRECISION) * LOG2E
         elif KW == BLOCK_N:
@@ -236,11 +240,12 @@ def _rel_pos_attention_fwd(
         if TAIL:
             v_t = tl.load(v_rows + offs_t[None, :] * sv_d, mask=in_image[:, None] & t_mask[None, :], other=0.0)
             acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=PRECISION)
-        if WINDOWS:  # the padding keys' probabilities times their v (p is 0 past the last key)
-            p_pad = tl.sum(tl.where(in_image[None, :], 0.0, p), 1)  # BLOCK_M
-            acc += p_pad[:, None] * vb[None, :]
-            if TAIL:
-                acc_t += p_pad[:, None] * vb_t[None, :]
+        if WINDOWS:
+            if edge:  # the padding keys' probabilities times their v (p is 0 past the last key)
+                p_pad = tl.sum(tl.where(in_image[None, :], 0.0, p), 1)  # BLOCK_M
+                acc += p_pad[:, None] * vb[None, :]
+                if TAIL:
+                    acc_t += p_pad[:, None] * vb_t[None, :]
         m_i = m_new
     o_base = o_ptr + img * so_b + h * so_h + tok_m[:, None] * so_n
     o_ty = o_ptr.dtype.element_ty
