@@ -435,6 +435,12 @@ def _launch(q: torch.Tensor, kh: int, kw: int, rel_dtype: torch.dtype, given: tu
     return Fit(table, split, "table") if limits is None else fit_launch(problem, given, split, *limits)
 
 
+def _tables_launch(q: torch.Tensor, kh: int, kw: int, blocks: tuple[int, int, int, int], split: bool) -> Fit:
+    """`_launch` for the kernels that compute the rel terms from the tables (in q's dtype), which always take the
+    one-hot bias; `blocks`: block_m, block_n, num_warps, num_stages as given."""
+    return _launch(q, kh, kw, q.dtype, (*blocks, "onehot"), split)
+
+
 def _count(fit: Fit) -> None:
     """Count a launch stepped down or over the limit under its own key (`_run` counts every call under PATH)."""
     if fit.how != "table":
@@ -514,7 +520,7 @@ def rel_pos_attention_tables_op(
         q, k, v: as for `rel_pos_attention`, with N_q = kh * kw; table_h: (2 kh - 1, d); table_w: (2 kw - 1, d).
     """
     kh, kw = _check_tables(q, k, v, table_h, table_w)
-    fit = _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    fit = _tables_launch(q, kh, kw, (block_m, block_n, num_warps, num_stages), split_head)
     _count(fit)
     # Column-major q/k/v (sparse24's transposed GEMM output: token stride 1) make this path fault on H100 and H200
     # with an illegal memory access; row-major copies do not (reports/2026-12-05-h200-sparse24-layout-fix)
@@ -525,7 +531,7 @@ def rel_pos_attention_tables_op(
 @rel_pos_attention_tables_op.register_fake
 def _(q, k, v, table_h, table_w, scale, block_m=0, block_n=0, num_warps=0, num_stages=0, split_head=False):
     kh, kw = _check_tables(q, k, v, table_h, table_w)
-    _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    _tables_launch(q, kh, kw, (block_m, block_n, num_warps, num_stages), split_head)
     return _empty_out(q)
 
 
@@ -572,7 +578,7 @@ def rel_pos_attention_windows_op(
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()  # column-major (sparse24): as the tables op, row-major
     q, k, v, k_pad, v_pad = _window_inputs(qkv, qkv_bias, heads)
     kh, kw = _check_windows(q, table_h, table_w)
-    fit = _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    fit = _tables_launch(q, kh, kw, (block_m, block_n, num_warps, num_stages), split_head)
     _count(fit)
     windows = ImageWindows(qkv.shape[1], qkv.shape[2], k_pad, v_pad)
     out = _run(q, k, v, table_h.to(q.dtype), table_w.to(q.dtype), scale, kh, kw, fit.launch, fit.split, True, windows)
@@ -584,7 +590,7 @@ def _(qkv, qkv_bias, table_h, table_w, heads, scale, block_m=0, block_n=0, num_w
       split_head=False):  # fmt: skip
     q, _, _, _, _ = _window_inputs(qkv, qkv_bias, heads)
     kh, kw = _check_windows(q, table_h, table_w)
-    _launch(q, kh, kw, q.dtype, (block_m, block_n, num_warps, num_stages, "onehot"), split_head)
+    _tables_launch(q, kh, kw, (block_m, block_n, num_warps, num_stages), split_head)
     return qkv.new_empty(*qkv.shape[:3], q.shape[1] * q.shape[3])
 
 
