@@ -34,7 +34,7 @@ def rel_pos_block(dim: int, heads: int, window: int, hw: tuple[int, int], seed: 
 
 def compile_attention_kernel(
     kh: int, kw: int, head_dim: int, launch: tuple, split: bool, dtype: str, arch: int, tables: bool,
-    windows: bool = False,
+    windows: bool = False, maxnreg: int | None = None,
 ):  # fmt: skip
     """samrepro's attention kernel compiled for sm`arch` without a GPU, for the (kh, kw) key grid, `launch`
     (BLOCK_M, BLOCK_N, warps, stages, bias) and `dtype` ("bf16", "fp16", "fp32"); `windows`: reading 14-wide
@@ -61,4 +61,5 @@ def compile_attention_kernel(
     aligned = [i for i, n in enumerate(names) if n not in consts and (i < pointers or n.startswith("s"))]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()}, attrs)
-    return triton.compile(src, GPUTarget("cuda", arch, 32), {"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
+    return triton.compile(src, GPUTarget("cuda", arch, 32), options)

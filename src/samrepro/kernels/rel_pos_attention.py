@@ -36,6 +36,10 @@ LOG2E = tl.constexpr(math.log2(math.e))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 accumulation; fp32 dots run in IEEE, not TF32
 MAX_HEAD_DIM = 256
 MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (2026-11-21); the table never uses 256
+# Registers per thread in window mode, as the partitioned windows' launch uses (sm90, 64x32, 4 warps: vit_h 125,
+# vit_b 116): four programs per SM. Uncapped, the window terms took vit_h's launch to 164 (three per SM); capped,
+# ptxas spills nothing (benchmarks/windowed_attention_modes.py times both). None: no cap.
+WINDOWS_MAXNREG: int | None = 128
 
 
 def default_launch(n_k: int, head_dim: int, itemsize: int, split: bool = False) -> tuple[int, int, int, int, str]:
@@ -150,11 +154,12 @@ def _rel_pos_attention_fwd(
     WINDOWS (with TABLES): each "batch" is one of NWH x NWW windows of KH x KW tokens of one image, read from and
     written to the unpadded (IMG_H, IMG_W) image in place (q, k, v, out strided per image token). Keys past the
     image's edge are upstream's padding: zero tokens after norm1, so their k and v are qkv's bias (kb_ptr, vb_ptr:
-    (HEADS, HEAD_DIM) each). They are added as a score and a share of the output, only by the programs of the last
-    window row and column (9 of SAM's 25 windows), and the loaded K and V tiles go to the dots as loaded.
-    Substituted into the tiles, each tile took one more trip through shared memory, and the windowed launches took
-    1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer); added in every window, 1.63x
-    (reports/2026-12-07-h100-windows-kernel-fix-and-peer). Queries there are not stored."""
+    (HEADS, HEAD_DIM) each). They are added as a score, only by the programs of the last window row and column
+    (9 of SAM's 25 windows), and as one share of v_pad after the loop; the loaded K and V tiles go to the dots as
+    loaded. Substituted into the tiles, each tile took one more trip through shared memory, and the windowed
+    launches took 1.75x as long (reports/2026-12-07-h100-gelu-epilogue-image-windows-peer); added to acc inside the
+    loop, in every window, 1.63x (reports/2026-12-07-h100-windows-kernel-fix-and-peer): ptxas serialized the
+    wgmmas around that write (its warning C7515). Queries there are not stored."""
     n_q_blocks = tl.cdiv(N_Q, BLOCK_M)
     bh = tl.program_id(0) // n_q_blocks  # a head's query blocks run side by side and share its K/V in cache
     b, h = (bh // HEADS).to(tl.int64), (bh % HEADS).to(tl.int64)
@@ -182,13 +187,11 @@ def _rel_pos_attention_fwd(
     if TAIL:
         q_t = tl.load(q_base + offs_t[None, :] * sq_d, mask=q_mask[:, None] & t_mask[None, :], other=0.0)
         q_t = (q_t.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)  # BLOCK_M, T
-    if WINDOWS:  # the padding's k and v, one row of qkv's bias per head, enter as q · k_pad and a share of v_pad
-        kb = tl.load(kb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        vb = tl.load(vb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # BLOCK_D
+    if WINDOWS:  # the padding's k, one row of qkv's bias per head, enters as q · k_pad (v_pad: after the loop)
+        kb = tl.load(kb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # BLOCK_D
         q_kb = tl.sum(q.to(tl.float32) * kb[None, :], 1)  # BLOCK_M: every padding key's score (log2 units)
         if TAIL:
-            kb_t = tl.load(kb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)
-            vb_t = tl.load(vb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)  # BLOCK_T
+            kb_t = tl.load(kb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)  # BLOCK_T
             q_kb += tl.sum(q_t.to(tl.float32) * kb_t[None, :], 1)
     rel_row = bh.to(tl.int64) * N_Q + offs_m  # rel_h, rel_w are contiguous (B * heads * N_Q, KH | KW)
     rh_row, rw_row = rh_ptr + rel_row * KH, rw_ptr + rel_row * KW
@@ -209,6 +212,7 @@ def _rel_pos_attention_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
+    l_pad = tl.zeros([BLOCK_M], tl.float32)  # the padding keys' share of it: their v enters acc after the loop
     for start_n in range(0, KH * KW, BLOCK_N):
         n_mask = start_n + offs_n < KH * KW
         tok_n, in_image = _tokens(start_n + offs_n, KH * KW, wy, wx, KH, KW, WINDOWS, IMG_H, IMG_W)
@@ -241,12 +245,15 @@ def _rel_pos_attention_fwd(
             v_t = tl.load(v_rows + offs_t[None, :] * sv_d, mask=in_image[:, None] & t_mask[None, :], other=0.0)
             acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=PRECISION)
         if WINDOWS:
-            if edge:  # the padding keys' probabilities times their v (p is 0 past the last key)
-                p_pad = tl.sum(tl.where(in_image[None, :], 0.0, p), 1)  # BLOCK_M
-                acc += p_pad[:, None] * vb[None, :]
-                if TAIL:
-                    acc_t += p_pad[:, None] * vb_t[None, :]
+            if edge:  # the padding keys' probabilities (p is 0 past the last key), rescaled as l_i is
+                l_pad = l_pad * alpha + tl.sum(tl.where(in_image[None, :], 0.0, p), 1)  # BLOCK_M
         m_i = m_new
+    if WINDOWS:  # all padding keys share one v: acc is not touched between the dots (that serialized them)
+        vb = tl.load(vb_ptr + h * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32)  # BLOCK_D
+        acc += l_pad[:, None] * vb[None, :]
+        if TAIL:
+            vb_t = tl.load(vb_ptr + h * HEAD_DIM + offs_t, mask=t_mask, other=0.0).to(tl.float32)  # BLOCK_T
+            acc_t += l_pad[:, None] * vb_t[None, :]
     o_base = o_ptr + img * so_b + h * so_h + tok_m[:, None] * so_n
     o_ty = o_ptr.dtype.element_ty
     row_mask = q_mask[:, None]
@@ -636,7 +643,7 @@ def _run(
         REL_PRECISION="ieee" if rel_dtype == torch.float32 else None,
         TABLES=tables, LHP=dot_dim(2 * kh - 1), LWP=dot_dim(2 * kw - 1),
         WINDOWS=windows is not None, IMG_H=img_h, IMG_W=img_w, NWH=n_wh, NWW=n_ww,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, maxnreg=WINDOWS_MAXNREG if windows is not None else None,
     )  # fmt: skip
     return out
 
