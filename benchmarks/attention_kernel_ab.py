@@ -1,12 +1,13 @@
 """samrepro's attention kernel alone at vit_h's (or vit_b's) shapes, batch 16 at 1024 px, for A/B runs: the windowed
 attention on padded windows cut out as upstream's `window_partition` does (`partitioned`: the tables op), on the
 image's own tokens with each window read in place (`image`: the windows op), and the global attention (`global`:
-rel terms given, as the global blocks run it). Prints each case's median kernel time (CUDA events, --iters launches).
+rel terms given, as the global blocks run it). Prints each case's time per launch: --iters launches queued back to
+back between two CUDA events (so the host's dispatch time hides behind the GPU's work), median of --repeats.
 
 --maxnreg N caps every launch's registers per thread at N (0: as the kernel module sets it), to try occupancy.
 It is also the target for a kernel profiler, one launch per case after warm-up:
     ncu --clock-control none -k regex:_rel_pos_attention_fwd --launch-skip 3 --launch-count 1 \
-        python3 benchmarks/attention_kernel_ab.py --iters 1 --warmup 3 --cases image
+        python3 benchmarks/attention_kernel_ab.py --iters 1 --repeats 1 --warmup 3 --cases image
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def calls(model: str, batch: int) -> dict:
     )
     q, k, v = partitioned(qkv, heads)
     gq, gk, gv = qkv.view(batch, GRID * GRID, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, 4096, d
-    rel_h, rel_w = rel_pos_terms(
-        gq, grid_h.bfloat16(), grid_w.bfloat16(), (GRID, GRID), (GRID, GRID)
-    )  # B, heads, 4096, 64 each
+    rel_h, rel_w = (
+        t.reshape(batch, heads, GRID * GRID, GRID)  # B, heads, 64, 64, 64 -> B, heads, 4096, 64
+        for t in rel_pos_terms(gq, grid_h.bfloat16(), grid_w.bfloat16(), (GRID, GRID), (GRID, GRID))
+    )
     ops, scale = torch.ops.samrepro, d**-0.5
     return {
         "partitioned": lambda: ops.rel_pos_attention_tables(q, k, v, window_h, window_w, scale),
@@ -73,7 +75,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--maxnreg", type=int, default=0)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     if args.maxnreg:
         cap_registers(args.maxnreg)
@@ -82,13 +85,14 @@ def main() -> None:
         for _ in range(args.warmup):
             launches[case]()
         times = []
-        for _ in range(args.iters):
+        for _ in range(args.repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            launches[case]()
+            for _ in range(args.iters):
+                launches[case]()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)  # µs
+            times.append(start.elapsed_time(end) * 1e3 / args.iters)  # µs per launch
         cap = args.maxnreg or "module's"
         print(f"{args.model} batch {args.batch} {case} (maxnreg {cap}): median {statistics.median(times):.1f} µs")
 
