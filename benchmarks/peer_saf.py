@@ -10,7 +10,8 @@ Differences that stay, from SAF's own protocol (experiments/eval_combo.py, data.
   (SAF's benchmark took the best of all 4).
 - SAF's flash_4 kernel autotunes during the warm-up on non-A100 GPUs and pickles its choice into the cwd, so every
   contender runs in a temporary cwd; `--saf-configs-dir` keeps SAF's (device.sh carries it between calls through
-  `.peer/saf_configs/`), and the JSON says whether that file was there (flash_4 still autotunes shapes it lacks).
+  `.peer/saf_configs/`), and the JSON says whether that file was there (flash_4 still autotunes shapes it lacks)
+  and which launch the file held for each shape after the run (SAF's throughput moves with that choice).
   The warm-up is never timed.
 - SAF's int8 step needs `apply_dynamic_quant`, gone from torchao 0.18.
 """
@@ -21,6 +22,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,17 @@ def checkout_info(root: Path, package: str = SAF_PACKAGE) -> dict:
     for path in sorted((root / package).rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return {"dir": str(root), "commit": commit, "package_sha256": digest.hexdigest()}
+
+
+def flash_4_choices() -> dict[str, list[int]]:
+    """flash_4's launch per query shape, "B x heads x tokens x d": [BLOCK_M, BLOCK_N, warps, stages], from its
+    pickle in the cwd ({} without one). Its keys are tuples of input shapes and strides, the query's shape first."""
+    path = Path(FLASH_4_CONFIGS)
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        table = pickle.load(f)  # written by SAF's flash_4 in this run's cwd, or carried from an earlier run
+    return {" x ".join(map(str, key[0])): list(launch) for key, launch in table.items()}
 
 
 def saf_model(args, device: torch.device, info: dict) -> tuple[ModuleType, torch.nn.Module]:

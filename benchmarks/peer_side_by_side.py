@@ -60,7 +60,7 @@ from samrepro.patch import PatchUnavailable
 from samrepro.workload import Sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks.` from the repository root
-from benchmarks.peer_saf import FLASH_4_CONFIGS, checkout_info, saf_contender, saf_model  # noqa: E402
+from benchmarks.peer_saf import FLASH_4_CONFIGS, checkout_info, flash_4_choices, saf_contender, saf_model  # noqa: E402
 from benchmarks.peer_tables import amg_table, latency_table, table  # noqa: E402
 
 # the default order; official runs first: its masks are the reference. samrepro runs --samrepro-patches (default
@@ -189,6 +189,8 @@ def run_contender(name: str, samples: list[Sample], args, device: torch.device) 
                 stats, masks = run.stats(), run.masks([s.image.shape[:2] for s in samples])
             else:
                 stats, masks = measure(*contender, samples, args, device)
+            if name == "saf":
+                record["flash_4_launches"] = flash_4_choices()  # what the timed run used, autotuned or carried
         return record | stats, masks
     except PatchUnavailable as e:  # cannot run here: the message is the reason
         return record | {"status": "skipped", "reason": str(e)}, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -145,6 +146,17 @@ def test_saf_keeps_its_configs_dir_and_the_others_get_a_temporary_cwd(tmp_path):
     args.saf_configs_dir = None
     with peer.contender_cwd("saf", args) as cwd:
         assert Path(cwd) != keep
+
+
+def test_flash_4_choices_reads_saf_pickle_by_query_shape(tmp_path, monkeypatch):
+    """The launch per query shape from a pickle laid out as flash_4 writes it (input shapes, then strides)."""
+    monkeypatch.chdir(tmp_path)
+    assert saf.flash_4_choices() == {}
+    q = torch.Size([16, 12, 4096, 64])
+    table = {(q, q, q, torch.Size([16, 12, 4096, 128]), (3145728, 262144, 64, 1)): (64, 64, 4, 4)}
+    table[(torch.Size([1, 16, 4096, 128]), q, (1, 2))] = (128, 64, 8, 3)
+    (tmp_path / saf.FLASH_4_CONFIGS).write_bytes(pickle.dumps(table))
+    assert saf.flash_4_choices() == {"16 x 12 x 4096 x 64": [64, 64, 4, 4], "1 x 16 x 4096 x 128": [128, 64, 8, 3]}
 
 
 def test_amg_workload_times_each_generate_call_and_matches_masks_on_tiny(monkeypatch):
