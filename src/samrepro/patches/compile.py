@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 import torch
 import torch._inductor.config as inductor_config
 from torch import nn
+from torch._inductor.virtualized import V
 
 from samrepro.patch import REORDERED, Patch, PatchConfig, PatchError, Undo
 from samrepro.patches._knobs import requested_knobs
+from samrepro.patches._persistent import INDUCTOR_LIMIT, choices_class
 from samrepro.registry import register_patch
 
 # The extra knobs of the torchao SAM tutorial ("general purpose optimizations"), as fields. They default to
@@ -19,6 +22,7 @@ from samrepro.registry import register_patch
 # `force_fuse_int_mm_with_mul` belongs to int8_dynamic; a dynamo recompile limit is not needed because the
 # workload pads batches to one static shape.
 SEED_KNOBS = ("epilogue_fusion", "coordinate_descent_tuning", "coordinate_descent_check_all_directions")
+CHOICES = "inductor_choices_class"  # inductor's heuristics hook; in the FX graph cache's key, unlike V.choices
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class CompileConfig(PatchConfig):
     epilogue_fusion: bool = True  # tutorial: False, since autotuning can be misled by fused epilogues
     coordinate_descent_tuning: bool = False  # tutorial: True, tune Triton block sizes beyond the heuristics
     coordinate_descent_check_all_directions: bool = False  # tutorial: True, widen that search
+    persistent_rows: int = INDUCTOR_LIMIT  # rows of up to this many elements reduced in one pass (_persistent.py)
     inductor_options: dict[str, Any] = field(default_factory=dict)  # more torch._inductor.config keys
     clone_output: bool = True  # copy the output out of the CUDA-graph pool (see _scoped_call)
 
@@ -41,6 +46,9 @@ class CompileConfig(PatchConfig):
         for name in ("fullgraph", "clone_output", *SEED_KNOBS):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        rows = self.persistent_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < INDUCTOR_LIMIT:
+            raise ValueError(f"persistent_rows must be an int, at least inductor's {INDUCTOR_LIMIT}, got {rows!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise ValueError(f"dynamic must be True, False or None, got {self.dynamic!r}")
         if not isinstance(self.inductor_options, dict):
@@ -52,10 +60,15 @@ class CompileConfig(PatchConfig):
         doubled = sorted(set(self.inductor_options) & set(SEED_KNOBS))
         if doubled:
             raise ValueError(f"inductor_options: set {doubled} through the config fields of the same name")
+        if CHOICES in self.inductor_options:
+            raise ValueError(f"inductor_options: {CHOICES} is compile's own (persistent_rows)")
 
     def inductor_patch(self) -> dict[str, Any]:
         """The torch._inductor.config values that hold while the compiled encoder runs."""
-        return {**{k: getattr(self, k) for k in SEED_KNOBS}, **self.inductor_options}
+        knobs = {**{k: getattr(self, k) for k in SEED_KNOBS}, **self.inductor_options}
+        if self.persistent_rows > INDUCTOR_LIMIT:
+            knobs[CHOICES] = choices_class(self.persistent_rows)
+        return knobs
 
     def compile_options(self, knobs: dict[str, Any]) -> dict[str, Any]:
         """torch.compile `options`: the mode's settings, then `knobs` over them.
@@ -87,8 +100,14 @@ def _scoped_call(call: Callable[..., Any], knobs: dict[str, Any], clone: bool) -
     tens of ms. `cudagraph_mark_step_begin()` would not help (it only permits the overwrite).
     """
 
+    # inductor builds its heuristics handler once per thread, at its first compile: the knob alone would come too
+    # late when another graph compiled earlier in the process, so this call's handler is swapped in as well
+    choices = knobs.get(CHOICES)
+    handler = choices() if choices is not None else None
+
     def scoped(*args: Any, **kwargs: Any) -> Any:
-        with inductor_config.patch(knobs):
+        swap = V.set_choices_handler(handler) if handler is not None else contextlib.nullcontext()
+        with inductor_config.patch(knobs), swap:
             out = call(*args, **kwargs)
         if clone and isinstance(out, torch.Tensor) and out.is_cuda:
             out = out.clone()
