@@ -38,7 +38,7 @@ MAX_HEAD_DIM = 256
 MAX_BLOCK = 128  # a 256-key block with a split head dim faulted on the H100 (2026-11-21); the table never uses 256
 # Registers per thread in window mode, as the partitioned windows' launch uses (sm90, 64x32, 4 warps: vit_h 125,
 # vit_b 116): four programs per SM. Uncapped, the window terms took vit_h's launch to 164 (three per SM); capped,
-# ptxas spills nothing (benchmarks/windowed_attention_modes.py times both). None: no cap.
+# ptxas spills nothing (benchmarks/attention_kernel_ab.py times both). None: no cap.
 WINDOWS_MAXNREG: int | None = 128
 
 
