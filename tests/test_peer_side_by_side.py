@@ -63,7 +63,8 @@ def test_checkout_info_fingerprints_the_package(tmp_path):
 def test_parse_args_fills_compile_mode_and_decoder_defaults():
     args = peer.parse_args(["--model", "vit_b", "--out", "x.json", "--contenders", "samrepro,official"])
     assert args.contenders == ["official", "samrepro"]  # the reference runs first
-    assert args.samrepro_configs == {"compile": {"mode": "max-autotune"}, "bf16": {"decoder": "float16"}}
+    compile_config = {"mode": "max-autotune", "persistent_rows": peer.PERSISTENT_ROWS}
+    assert args.samrepro_configs == {"compile": compile_config, "bf16": {"decoder": "float16"}}
     args = peer.parse_args(
         [
             "--model",
