@@ -1,8 +1,9 @@
 """samrepro's attention kernel alone at vit_h's (or vit_b's) shapes, batch 16 at 1024 px, for A/B runs: the windowed
 attention on padded windows cut out as upstream's `window_partition` does (`partitioned`: the tables op), on the
 image's own tokens with each window read in place (`image`: the windows op), and the global attention (`global`:
-rel terms given, as the global blocks run it). Prints each case's time per launch: --iters launches queued back to
-back between two CUDA events (so the host's dispatch time hides behind the GPU's work), median of --repeats.
+rel terms given, as the global blocks run it), each with vit_h's head dim 80 split into 64 + 16 as triton_attn runs
+it by default. Prints each case's time per launch: --iters launches queued back to back between two CUDA events (so
+the host's dispatch time hides behind the GPU's work), median of --repeats.
 
 --maxnreg N caps every launch's registers per thread at N (0: as the kernel module sets it), to try occupancy.
 It is also the target for a kernel profiler, one launch per case after warm-up:
@@ -61,10 +62,11 @@ def calls(model: str, batch: int) -> dict:
         for t in rel_pos_terms(gq, grid_h.bfloat16(), grid_w.bfloat16(), (GRID, GRID), (GRID, GRID))
     )
     ops, scale = torch.ops.samrepro, d**-0.5
+    split = d & (d - 1) != 0  # as triton_attn's defaults: vit_h's head dim 80 runs as 64 + 16, not padded to 128
     return {
-        "partitioned": lambda: ops.rel_pos_attention_tables(q, k, v, window_h, window_w, scale),
-        "image": lambda: ops.rel_pos_attention_windows(qkv, bias, window_h, window_w, heads, scale),
-        "global": lambda: ops.rel_pos_attention(gq, gk, gv, rel_h, rel_w, scale),
+        "partitioned": lambda: ops.rel_pos_attention_tables(q, k, v, window_h, window_w, scale, split_head=split),
+        "image": lambda: ops.rel_pos_attention_windows(qkv, bias, window_h, window_w, heads, scale, split_head=split),
+        "global": lambda: ops.rel_pos_attention(gq, gk, gv, rel_h, rel_w, scale, split_head=split),
     }
 
 
