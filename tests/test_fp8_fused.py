@@ -176,16 +176,18 @@ def test_launch_overrides_and_op_registration(interp):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "k, gelu, norm, dtype",
+    "k, gelu, norm, dtype, launch",
     [
-        (5120, True, False, "bf16"),
-        (1280, False, False, "bf16"),
-        (1280, False, True, "bf16"),
-        (3072, True, False, "fp32"),
+        (5120, True, False, "bf16", None),
+        (1280, False, False, "bf16", None),
+        (1280, False, True, "bf16", None),
+        (3072, True, False, "fp32", None),
+        (5120, True, False, "bf16", (1, 8192, 8)),  # lin2's input read once, the row in registers
     ],
 )
-def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, norm, dtype):
-    """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (globals, types)."""
+def test_kernel_compiles_for_sm90(k, gelu, norm, dtype, launch):
+    """Triton compiles to a cubin without a GPU: catches what the interpreter lets through (globals, types).
+    `launch` None: the default one."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -193,7 +195,7 @@ def test_kernel_compiles_for_sm90_with_the_default_launch(k, gelu, norm, dtype):
     from samrepro.kernels import fp8_rows as fr
 
     kernel = fr._fp8_rows_fwd
-    bm, bk, warps = fr.default_launch(k, norm)
+    bm, bk, warps = launch or fr.default_launch(k, norm)
     consts = {"K": k, "GELU": gelu, "NORM": norm, "BLOCK_M": bm, "BLOCK_K": bk}
     types = {"x_ptr": f"*{dtype}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}"}
     types |= {"M": "i32", "stride_xm": "i32", "lb": "fp32", "eps": "fp32"}

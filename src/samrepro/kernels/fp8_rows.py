@@ -78,21 +78,11 @@ def _values(ptrs, w_ptr, b_ptr, start, row_ok, mean, rstd, K: tl.constexpr, BLOC
 
 
 @triton.jit
-def _fp8_rows_fwd(
-    x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, M, stride_xm, lb, eps, K: tl.constexpr,
-    GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Two passes over (BLOCK_M, BLOCK_K) chunks of the rows: their max, then scale and store (the rows are still in
-    L2). With GELU the first pass takes max x only: GELU increases above -0.75 and stays under GELU_MIN in
-    magnitude below 0, so max |GELU(x)| = GELU(max x) whenever that reaches GELU_MIN; other rows take a third pass.
-    NORM: a pass for the rows' statistics first; the other passes see the normalized rows."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    ptrs = x_ptr + rows[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # BM, BK
-    mean = tl.zeros((BLOCK_M,), tl.float32)
-    rstd = tl.zeros((BLOCK_M,), tl.float32)
-    if NORM:
-        mean, rstd = _row_stats(ptrs, row_ok, eps, K, BLOCK_M, BLOCK_K)
+def _chunked_amax(ptrs, w_ptr, b_ptr, row_ok, mean, rstd, K: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """(BLOCK_M,) max |x| (after GELU) over the rows' chunks. With GELU a first pass takes max x only: GELU increases
+    above -0.75 and stays under GELU_MIN in magnitude below 0, so max |GELU(x)| = GELU(max x) whenever that reaches
+    GELU_MIN; other rows take a second pass."""
     peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # max x with GELU, else max |x|
     for start in range(0, K, BLOCK_K):
         x, mask = _values(ptrs, w_ptr, b_ptr, start, row_ok, mean, rstd, K, BLOCK_K, NORM)
@@ -108,16 +98,45 @@ def _fp8_rows_fwd(
                 amax = tl.maximum(amax, tl.max(tl.abs(_gelu(x)), axis=1))
     else:
         amax = peak
+    return amax
+
+
+@triton.jit
+def _fp8_rows_fwd(
+    x_ptr, q_ptr, s_ptr, w_ptr, b_ptr, M, stride_xm, lb, eps, K: tl.constexpr,
+    GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Two passes over (BLOCK_M, BLOCK_K) chunks of the rows: their max, then scale and store (the rows are still in
+    L2); where BLOCK_K covers the rows, one read. NORM: a pass for the rows' statistics first; the other passes see
+    the normalized rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ptrs = x_ptr + rows[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # BM, BK
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    rstd = tl.zeros((BLOCK_M,), tl.float32)
+    if NORM:
+        mean, rstd = _row_stats(ptrs, row_ok, eps, K, BLOCK_M, BLOCK_K)
+    if BLOCK_K >= K:  # one chunk holds the rows: read once, kept in registers for the store
+        row, row_mask = _values(ptrs, w_ptr, b_ptr, 0, row_ok, mean, rstd, K, BLOCK_K, NORM)
+        if GELU:
+            row = _gelu(row)
+        amax = tl.max(tl.where(row_mask, tl.abs(row), 0.0), axis=1)
+    else:
+        amax = _chunked_amax(ptrs, w_ptr, b_ptr, row_ok, mean, rstd, K, GELU, NORM, BLOCK_M, BLOCK_K)
     amax = tl.maximum(amax, lb)
     inv = tl.math.div_rn(tl.full((BLOCK_M,), 448.0, tl.float32), amax)  # IEEE, as torch divides
     tl.store(s_ptr + rows, tl.math.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32)), mask=row_ok)
     out = q_ptr + rows[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
-    for start in range(0, K, BLOCK_K):
-        x, mask = _values(ptrs, w_ptr, b_ptr, start, row_ok, mean, rstd, K, BLOCK_K, NORM)
-        if GELU:
-            x = _gelu(x)
-        q = tl.clamp(x * inv[:, None], -448.0, 448.0)
-        tl.store(out + start, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if BLOCK_K >= K:
+        q = tl.clamp(row * inv[:, None], -448.0, 448.0)
+        tl.store(out, q.to(q_ptr.dtype.element_ty), mask=row_mask)
+    else:
+        for start in range(0, K, BLOCK_K):
+            x, mask = _values(ptrs, w_ptr, b_ptr, start, row_ok, mean, rstd, K, BLOCK_K, NORM)
+            if GELU:
+                x = _gelu(x)
+            q = tl.clamp(x * inv[:, None], -448.0, 448.0)
+            tl.store(out + start, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 INTERPRETED = not isinstance(_fp8_rows_fwd, JITFunction)  # TRITON_INTERPRET=1 when this module loaded
