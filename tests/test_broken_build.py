@@ -27,22 +27,28 @@ def build(tmp_path: Path, broken: bool) -> Path:
     return tree
 
 
-def ablate(tree: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(tree / "src"), "SAMREPRO_CACHE": str(tmp_path / "cache")}
+def ablate(tree: Path, tmp_path: Path) -> subprocess.Popen:
+    """The command on `tree`, started; each build has its own cache and results, so both can run at once."""
+    env = os.environ | {"PYTHONPATH": str(tree / "src"), "SAMREPRO_CACHE": str(tmp_path / f"cache-{tree.name}")}
     results = tmp_path / f"results-{tree.name}"
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "samrepro.cli", *COMMAND, "--results", str(results)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
 def test_a_broken_patch_fails_the_command_and_the_intact_one_passes(tmp_path):
-    broken = ablate(build(tmp_path, broken=True), tmp_path)
+    running = [ablate(build(tmp_path, broken=b), tmp_path) for b in (True, False)]  # side by side: about half the time
+    broken, intact = (finished(p) for p in running)
     assert broken.returncode == 1, broken.stderr
     assert "step 01 sdpa:" in broken.stderr and "gate FAIL" in broken.stderr
     assert "embedding_sqnr_db" in broken.stderr  # the gate that caught it names the measure
 
-    intact = ablate(build(tmp_path, broken=False), tmp_path)
     assert intact.returncode == 0, intact.stderr
     assert "gate PASS" in intact.stderr and "every gate passed" in intact.stderr
