@@ -10,12 +10,14 @@ import torch
 import torch._inductor.compile_fx
 import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
+from torch._inductor.virtualized import V
 
 import samrepro.patches.compile  # noqa: F401  (registers it)
 from samrepro.equivalence import compare
 from samrepro.metrics import check_tolerance
 from samrepro.models import fp32_reference_mode, load_model
 from samrepro.patch import Patch, PatchConfig, PatchError, Tolerance, Undo, is_compiled
+from samrepro.patches._persistent import PersistentRows
 from samrepro.patches.compile import SEED_KNOBS, CompileConfig
 from samrepro.registry import apply_patches, get_patch
 from samrepro.snapshot import global_state, model_state
@@ -59,7 +61,8 @@ def spy_compiler(monkeypatch):
     seen: list[dict] = []
 
     def spy(gm, example_inputs, config_patches=None, **kwargs):
-        seen.append({**knob_values(), "mode_options": dict(config_patches or {})})
+        choices = {"choices": V.choices, "choices_knob": inductor_config.inductor_choices_class}
+        seen.append({**knob_values(), **choices, "mode_options": dict(config_patches or {})})
         return gm.forward
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", spy)
@@ -144,6 +147,20 @@ def test_knobs_hold_inside_calls_only(sam, spy_compiler):
     assert outside_state() == outside  # ... nor a call that compiled
     handle.undo()
     assert global_state() == full  # reset() dropped dynamo's installed globals too
+
+
+def test_the_raised_row_limit_holds_inside_the_compile_only(sam, spy_compiler):
+    """persistent_rows: inductor's heuristics handler is swapped in for the compile, and the knob the FX graph cache
+    keys on is set with it; neither outside the call."""
+    outside = V.choices
+    handle = PATCH.apply(sam, CompileConfig(mode="default", persistent_rows=2048))
+    with torch.no_grad():
+        sam.image_encoder(torch.randn(1, 3, 256, 256))
+    handle.undo()
+    (seen,) = spy_compiler
+    assert isinstance(seen["choices"], PersistentRows) and seen["choices"].limit == 2048
+    assert seen["choices_knob"] is not None and seen["choices_knob"]().limit == 2048
+    assert V.choices is outside and inductor_config.inductor_choices_class is None
 
 
 def test_max_autotune_without_coordinate_descent(sam, spy_compiler):

@@ -1,4 +1,4 @@
-"""compile's persistent_rows: row reductions up to the limit run in one pass, inside the encoder's compile only."""
+"""compile's persistent_rows: row reductions up to the limit run in one pass (its scoping: tests/test_compile.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from types import SimpleNamespace
 import pytest
 import sympy
 import torch
-import torch._inductor.compile_fx
-import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
@@ -16,10 +14,8 @@ from torch._inductor.sizevars import SizeVarAllocator
 from torch._inductor.utils import run_and_get_code
 from torch._inductor.virtualized import V
 
-from samrepro.models import fp32_reference_mode, load_model
 from samrepro.patches._persistent import INDUCTOR_LIMIT, PersistentRows
 from samrepro.patches.compile import CHOICES, CompileConfig, _scoped_call
-from samrepro.registry import get_patch
 
 VIT_H_WIDTH = 1280  # vit_h's channels: its LayerNorm rows
 
@@ -55,30 +51,6 @@ def test_the_choices_knob_is_compiles_own():
     with pytest.raises(ValueError, match="compile's own"):
         CompileConfig(inductor_options={CHOICES: None})
     assert CHOICES not in CompileConfig().inductor_patch()  # inductor's limit: nothing to change
-
-
-def test_the_raised_limit_holds_inside_the_compile_only(monkeypatch):
-    """The handler is swapped in for the compile and the knob (which the FX graph cache keys on) is set with it."""
-    seen = []
-
-    def spy(gm, example_inputs, config_patches=None, **kwargs):
-        seen.append((V.choices, inductor_config.inductor_choices_class))
-        return gm.forward
-
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", spy)
-    fp32_reference_mode()
-    sam = load_model("tiny", weights="random")
-    outside = V.choices
-    handle = get_patch("compile").apply(sam, CompileConfig(mode="default", persistent_rows=2048))
-    try:
-        with torch.no_grad():
-            sam.image_encoder(torch.randn(1, 3, 256, 256))
-    finally:
-        handle.undo()
-    ((choices, knob),) = seen
-    assert isinstance(choices, PersistentRows) and choices.limit == 2048
-    assert knob is not None and knob().limit == 2048
-    assert V.choices is outside and inductor_config.inductor_choices_class is None
 
 
 @pytest.mark.cuda
