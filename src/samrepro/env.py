@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -37,6 +38,7 @@ def capture(plan: dict | None = None) -> dict[str, Any]:
         "matmul_precision": torch.get_float32_matmul_precision(),
         "env_vars": {k: v for k, v in sorted(os.environ.items()) if k in ENV_NAMES or k.startswith(ENV_PREFIXES)},
         **_git(Path(__file__).resolve().parent),
+        "source_sha256": source_digest(Path(__file__).resolve().parent),
     }
     if plan is not None:
         env["plan"], env["plan_hash"] = plan, hash_plan(plan)
@@ -91,6 +93,16 @@ def _cpu_bf16() -> bool | None:
     """Whether the CPU has bf16 instructions (AVX512_BF16 or AMX_BF16); None where /proc/cpuinfo is not there."""
     flags = _cpuinfo("flags")
     return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def source_digest(package: Path) -> str:
+    """SHA-256 of the package's files (paths and contents; compiled bytecode left out): which code ran, also where
+    the checkout's git state does not say (a copy of a working tree, an installed wheel, uncommitted changes)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _git(folder: Path) -> dict[str, Any]:
