@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from samrepro.kernels import rel_pos_attention as rpa
 from samrepro.patches._relpos import rel_pos_terms
+from samrepro.patches.triton_attn import splits_head
 
 SHAPES = {"vit_b": (12, 64), "vit_h": (16, 80)}  # heads, head dim
 WINDOW, GRID = 14, 64  # tokens per window side and per image side at 1024 px
@@ -62,7 +63,7 @@ def calls(model: str, batch: int) -> dict:
         for t in rel_pos_terms(gq, grid_h.bfloat16(), grid_w.bfloat16(), (GRID, GRID), (GRID, GRID))
     )
     ops, scale = torch.ops.samrepro, d**-0.5
-    split = d & (d - 1) != 0  # as triton_attn's defaults: vit_h's head dim 80 runs as 64 + 16, not padded to 128
+    split = splits_head(d)  # as triton_attn's defaults: vit_h's head dim 80 runs as 64 + 16, not padded to 128
     return {
         "partitioned": lambda: ops.rel_pos_attention_tables(q, k, v, window_h, window_w, scale, split_head=split),
         "image": lambda: ops.rel_pos_attention_windows(qkv, bias, window_h, window_w, heads, scale, split_head=split),

@@ -110,6 +110,11 @@ def windowed_block_forward(
     return x + self.mlp(self.norm2(x))
 
 
+def splits_head(head_dim: int) -> bool:
+    """Whether a block asking for the split runs its head dim as a power of two plus a tail (not a power of two)."""
+    return head_dim & (head_dim - 1) != 0
+
+
 def _bind(module: nn.Module, forward_fn, *args):
     """`module`'s own forward(x): forward_fn(module, x, *args)."""
 
@@ -130,7 +135,7 @@ def _apply(sam: Sam, config: TritonAttnConfig, undo: Undo) -> None:
     for _, block in layers:
         head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
         wanted = config.split_windows if block.window_size > 0 else config.split_global
-        split = wanted and head_dim & (head_dim - 1) != 0
+        split = wanted and splits_head(head_dim)
         tables = config.window_tables and block.window_size > 0 and config.bias in ("", "onehot")
         undo.setattr(block.attn, "forward", _bind(block.attn, encoder_attention_forward, launch, split, tables))
         fits = tables and tables_fit(block.attn.rel_pos_h, block.attn.rel_pos_w, (block.window_size,) * 2)
