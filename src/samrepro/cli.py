@@ -61,7 +61,9 @@ def build_parser() -> Parser:
     ab.add_argument("model", choices=MODELS)
     ab.add_argument("device", help=f"{' or '.join(DEVICES)} (or cuda:N)")
     which = ab.add_mutually_exclusive_group()
-    which.add_argument("--plan", help="plan name in ablations/ or a .toml path (default: blog on cuda, cpu on cpu)")
+    which.add_argument(
+        "--plan", help="plan in ablations/ or a .toml path (default: blog on cuda, cpu on cpu; amg for --workload amg)"
+    )
     which.add_argument("--patches", type=names, help="a,b: fp32, then +a, then +a+b; each must be able to run here")
     ab.add_argument("--mode", choices=MODES, default="cumulative")
     ab.add_argument("--batch-size", type=positive, help="images per encoder batch (default 8; points workload)")
@@ -87,7 +89,9 @@ def build_parser() -> Parser:
         help="synthetic, coco (after `samrepro data fetch coco`), coco:DIR or noise[:P] (1024px noise, P points each)",
     )
     ab.add_argument(
-        "--results", type=Path, help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB, or -amg-ppsN)"
+        "--results",
+        type=Path,
+        help="results folder (default: results/MODEL-DEVICE-PLAN-MODE-bsB, -amg-ppsN or -interactive)",
     )
     ab.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the working directory)")
     ab.add_argument("--force", action="store_true", help="rerun steps whose results exist")
