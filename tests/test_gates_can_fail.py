@@ -197,6 +197,20 @@ def _gelu_epilogue_without_bias(sam, cfg, undo: Undo) -> None:
         undo.setattr(mlp, "forward", MethodType(forward, mlp))
 
 
+def _patches_transposed(sam, cfg, undo: Undo) -> None:
+    """patch_embed_gemm whose patches are flattened column-major (kw before kh) against the row-major weight."""
+    embed = sam.image_encoder.patch_embed
+
+    def forward(self, x):
+        (kh, kw), (b, c, h, w), conv = self.proj.kernel_size, x.shape, self.proj
+        grid = x.reshape(b, c, h // kh, kh, w // kw, kw)  # B, c, gh, kh, gw, kw
+        flat = grid.permute(0, 2, 4, 1, 5, 3).reshape(-1, c * kh * kw)  # B * gh * gw, c * kw * kh
+        out = torch.addmm(conv.bias, flat, conv.weight.reshape(conv.out_channels, -1).t())
+        return out.view(b, h // kh, w // kw, -1)
+
+    undo.setattr(embed, "forward", MethodType(forward, embed))
+
+
 @pytest.mark.parametrize(
     "name, apply_fn, measure",
     [
@@ -205,6 +219,7 @@ def _gelu_epilogue_without_bias(sam, cfg, undo: Undo) -> None:
         ("compile_decoder", _compiled_decoder_off_by_a_bit, "iou_pred_max_abs"),
         ("fold_attn", _fold_grid_transposed, "embedding_sqnr_db"),
         ("gelu_epilogue", _gelu_epilogue_without_bias, "embedding_sqnr_db"),
+        ("patch_embed_gemm", _patches_transposed, "embedding_sqnr_db"),
     ],
 )
 def test_later_patches_declared_gates_fail_when_broken(tiny_ref, name, apply_fn, measure):

@@ -22,6 +22,7 @@ from samrepro.patch import Handle, Patch, PatchConfig, PatchError
 PATCH_ORDER = (
     "bf16",
     "channels_last",
+    "patch_embed_gemm",
     "sync_free",
     "sdpa",
     "triton_attn",

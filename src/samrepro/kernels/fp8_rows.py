@@ -2,13 +2,13 @@
 
 For each row r of x (M, K), with f the erf GELU or the identity, after an optional LayerNorm, computed in fp32:
     a[r] = max(max_k |f(x[r, k])|, lb),   s[r] = a[r] / 448,   q[r, k] = e4m3(clamp(f(x[r, k]) * (448 / a[r]))),
-torchao's row-wise float8 activation scaling (it divides by s instead: the codes may differ in the last bit). Each
-program reads its rows twice (for the max, then for the codes; the second read is meant to hit L2, not measured)
-and writes q once; GELU is computed once per element. Under inductor the same quantization ran ~3-4x off the
-memory bound on vit_h's MLP (reports/2026-11-21-h100-fold_attn-split-windows-and-peer); this kernel: vit_h lin2's
-input 0.67 ms against inductor's 1.92 and the bf16 GELU alone 0.56 (reports/2026-11-21-h100-fp8_fused-and-relgemm).
-With the LayerNorm, a first pass takes each row's mean and variance, and the normalized rows are never written in
-bf16.
+torchao's row-wise float8 activation scaling (it divides by s instead: the codes may differ in the last bit). A
+program whose chunk covers its rows reads them once; otherwise twice (for the max, then for the codes; the second
+read is meant to hit L2, not measured). It writes q once; GELU is computed once per element. Under inductor the same
+quantization ran ~3-4x off the memory bound on vit_h's MLP
+(reports/2026-11-21-h100-fold_attn-split-windows-and-peer); this kernel: vit_h lin2's input 0.67 ms against
+inductor's 1.92 and the bf16 GELU alone 0.56 (reports/2026-11-21-h100-fp8_fused-and-relgemm). With the LayerNorm, a
+first pass takes each row's mean and variance, and the normalized rows are never written in bf16.
 
 Registered as the custom op `samrepro::fp8_rows` with a fake implementation, as rel_pos_attention is (and for
 the same reason: tests run it in Triton's CPU interpreter). Forward only.
@@ -143,12 +143,17 @@ INTERPRETED = not isinstance(_fp8_rows_fwd, JITFunction)  # TRITON_INTERPRET=1 w
 
 
 def default_launch(k: int, norm: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps): chunks of about 1024 elements, 1024 columns wide for K >= 2048, else the
-    largest power of two <= K / 2, 4 warps; 256 wide with the LayerNorm. From the H100 sweeps at M = 78,400, ms
-    against the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720), K = 1280 2x512 0.127 (8x256
-    0.162); vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417 (2x1024 0.408)
-    (reports/2026-11-21-h100-fp8_fused-and-relgemm); vit_h K = 1280 with the norm 4x256 0.183, 2x512 0.263
-    (reports/2026-11-22-h100-fp8-norm-fusion-and-peer)."""
+    """(BLOCK_M, BLOCK_K, num_warps): rows of 768 to 2048 elements without the LayerNorm one per program, read once
+    (1x2048, 4 warps); wider rows (lin2's input, with GELU) in chunks of 1024 columns; narrower ones in chunks of the
+    largest power of two <= K / 2, about 1024 elements per program; 256 wide with the LayerNorm. From the H100
+    sweeps at M = 78,400, ms against the first table's: vit_h K = 5120 with GELU 1x1024 0.670 (2x1024 0.720),
+    K = 1280 2x512 0.127 (8x256 0.162); vit_b K = 768 4x256 0.105 (8x256 0.114), K = 3072 with GELU 1x1024 0.417
+    (2x1024 0.408) (reports/2026-11-21-h100-fp8_fused-and-relgemm); vit_h K = 1280 with the norm 4x256 0.183, 2x512
+    0.263 (reports/2026-11-22-h100-fp8-norm-fusion-and-peer); read once: vit_b K = 768 0.080 against 0.099 chunked,
+    vit_h K = 1280 0.106 against 0.113, but slower with GELU (K = 3072 0.474 against 0.423, K = 5120 0.689 against
+    0.674) and with the norm (reports/2026-12-07-h100-vit_b-stacks-profile-fp8-one-read)."""
+    if not norm and 768 <= k <= 2048:
+        return 1, 2048, 4
     block_k = 256 if norm else 1024 if k >= 2048 else max(16, 1 << (k // 2).bit_length() - 1)
     return max(1, 1024 // block_k), block_k, 4
 

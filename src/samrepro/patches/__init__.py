@@ -13,6 +13,7 @@ import samrepro.patches.fp8
 import samrepro.patches.fp8_fused
 import samrepro.patches.gelu_epilogue
 import samrepro.patches.int8_dynamic
+import samrepro.patches.patch_embed_gemm
 import samrepro.patches.sdpa
 import samrepro.patches.sparse24
 import samrepro.patches.sync_free
