@@ -12,23 +12,22 @@ import torch
 from segment_anything.modeling.image_encoder import PatchEmbed
 from triton.testing import do_bench
 
-from samrepro.patch import PatchConfig, Undo
-from samrepro.patches import channels_last, patch_embed_gemm
+from samrepro.registry import apply_patches
 
 WIDTHS = {"vit_b": 768, "vit_l": 1024, "vit_h": 1280}
+STACKS = {"conv": [], "conv_nhwc": ["channels_last"], "gemm": ["channels_last", "patch_embed_gemm"]}
 
 
 def variants(width: int, device: str = "cuda") -> dict[str, torch.nn.Module]:
     """Fresh PatchEmbeds with the same seeded weights: upstream, under channels_last, under both patches."""
     made = {}
-    for name, patches in {"conv": (), "conv_nhwc": (channels_last,), "gemm": (channels_last, patch_embed_gemm)}.items():
+    for name, patches in STACKS.items():
         torch.manual_seed(0)
         embed = PatchEmbed(kernel_size=(16, 16), stride=(16, 16), in_chans=3, embed_dim=width)
         holder = torch.nn.Module()  # what the patches reach: sam.image_encoder.patch_embed
         holder.image_encoder = torch.nn.Module()
         holder.image_encoder.patch_embed = embed.to(device, torch.bfloat16)
-        for patch in patches:
-            patch.PATCH.apply_fn(holder, PatchConfig(), Undo())
+        apply_patches(holder, patches)  # left applied: the embedding is timed as patched
         made[name] = embed
     return made
 

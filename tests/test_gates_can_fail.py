@@ -198,17 +198,13 @@ def _gelu_epilogue_without_bias(sam, cfg, undo: Undo) -> None:
 
 
 def _patches_transposed(sam, cfg, undo: Undo) -> None:
-    """patch_embed_gemm whose patches are flattened column-major (kw before kh) against the row-major weight."""
-    embed = sam.image_encoder.patch_embed
+    """patch_embed_gemm multiplying each patch by its kernel transposed: kh and kw swapped in the weight's rows."""
+    from samrepro.patches import patch_embed_gemm
 
-    def forward(self, x):
-        (kh, kw), (b, c, h, w), conv = self.proj.kernel_size, x.shape, self.proj
-        grid = x.reshape(b, c, h // kh, kh, w // kw, kw)  # B, c, gh, kh, gw, kw
-        flat = grid.permute(0, 2, 4, 1, 5, 3).reshape(-1, c * kh * kw)  # B * gh * gw, c * kw * kh
-        out = torch.addmm(conv.bias, flat, conv.weight.reshape(conv.out_channels, -1).t())
-        return out.view(b, h // kh, w // kw, -1)
-
-    undo.setattr(embed, "forward", MethodType(forward, embed))
+    proj = sam.image_encoder.patch_embed.proj
+    transposed = proj.weight.detach().transpose(-1, -2).contiguous()  # C, c, kw, kh (square kernel)
+    undo.setattr(proj, "weight", nn.Parameter(transposed, requires_grad=False))
+    patch_embed_gemm.PATCH.apply_fn(sam, cfg, undo)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ ENV_NAMES = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def capture(plan: dict | None = None) -> dict[str, Any]:
     """A JSON-able record of this process's environment; with the plan and its hash when given."""
+    package = Path(__file__).resolve().parent
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
@@ -37,8 +38,8 @@ def capture(plan: dict | None = None) -> dict[str, Any]:
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "matmul_precision": torch.get_float32_matmul_precision(),
         "env_vars": {k: v for k, v in sorted(os.environ.items()) if k in ENV_NAMES or k.startswith(ENV_PREFIXES)},
-        **_git(Path(__file__).resolve().parent),
-        "source_sha256": source_digest(Path(__file__).resolve().parent),
+        **_git(package),
+        "source_sha256": source_digest(package),
     }
     if plan is not None:
         env["plan"], env["plan_hash"] = plan, hash_plan(plan)
