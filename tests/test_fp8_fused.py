@@ -325,7 +325,7 @@ def test_declared_gate_fails_when_gelu_or_norm_is_dropped(tiny_ref, device, monk
     from tests.conftest import make_samples
 
     if device != "cuda":
-        pytest.skip("the gates run on the CPU in this session (--device cpu)")
+        pytest.skip("the gates run on the CPU in this run (--device cpu)")
     init = fp8_fused.Fp8RowLinear.__init__
 
     def broken_init(self, lin, gelu, cfg, norm=None):
